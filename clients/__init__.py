@@ -1,0 +1,1 @@
+"""Clients of the matlora server (installed as ``matlora_client``)."""

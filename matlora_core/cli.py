@@ -1,0 +1,123 @@
+"""The ``matlora`` command: train, eval, export and import nested-rank adapters."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+logger = logging.getLogger("matlora")
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rank list {text!r}: expected integers separated by commas") from None
+
+
+def parse_str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one option per dataclass field, with the field's help metadata and default."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        kind = hints[item.name]
+        flag = "--" + item.name.replace("_", "-")
+        help_text = item.metadata.get("help", "")
+        if item.metadata.get("required"):
+            parser.add_argument(flag, dest=item.name, required=True, help=help_text)
+            continue
+        default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+        if kind is bool:
+            parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+            continue
+        args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        base = args[0] if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else kind
+        converter = {list[int]: parse_int_list, list[str]: parse_str_list}.get(base, base)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        parser.add_argument(flag, dest=item.name, type=converter, default=default,
+                            help=f"{help_text} (default: {shown})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="matlora", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a lora, dylora or matryoshka adapter")
+    add_dataclass_options(train, TrainConfig)
+
+    evaluate = commands.add_parser("eval", help="evaluate adapters at each rank: loss, accuracy, AURAC")
+    evaluate.add_argument("--model", required=True, help="base model (built-in name, folder or hub id)")
+    evaluate.add_argument("--adapter", action="append", required=True,
+                          help="adapter folder; repeat to compare several in one table and picture")
+    evaluate.add_argument("--label", action="append", help="display name per --adapter (default: folder name)")
+    evaluate.add_argument("--data", required=True, help="JSON Lines file of question/answer objects")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    evaluate.add_argument("--ranks", type=parse_int_list, default=None,
+                          help="ranks to evaluate, comma-separated (default: the adapter's offered ranks)")
+    evaluate.add_argument("--rule", type=parse_str_list, action="append", default=None,
+                          help="inference rules to evaluate: paper, partial_sum or both comma-separated; give it "
+                               "once for all adapters or once per --adapter (default: each adapter's own rule)")
+    evaluate.add_argument("--metrics", type=parse_str_list, default=["loss", "accuracy"],
+                          help="loss, accuracy or both (default: loss,accuracy)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=256,
+                          help="generation limit for accuracy, in tokens (default: 256)")
+    evaluate.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    evaluate.add_argument("--output", type=Path, default=None, help="write the results as JSON to this file")
+    evaluate.add_argument("--plot", type=Path, default=None, help="write a PNG of the rank curves to this file")
+    evaluate.add_argument("--write-profile", action="store_true",
+                          help="store the per-rank results in each adapter's config, where the server reads them")
+    evaluate.add_argument("--quality-metric", default=None,
+                          help="profile entry the server reports as quality: answer_loss or accuracy "
+                               "(default: accuracy when measured, else answer_loss)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .adapter import AdapterError
+    from .base_model import ModelLoadError
+    from .data import DataFormatError
+
+    try:
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "eval":
+            return run_eval(args)
+    except (AdapterError, ModelLoadError, DataFormatError, ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    return 1
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    output = train(TrainConfig(**options))
+    print(f"adapter written to {output}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate_cli import run_evaluation
+
+    return run_evaluation(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The matlora HTTP server (installed as ``matlora_server``): engine, rank policy, API and metrics."""

@@ -1,0 +1,19 @@
+"""The serving engine: continuous batching over a slot KV cache with one rank per sequence."""
+
+from .engine import Engine, EngineObserver, EngineStoppedError, StepStats
+from .request import FinishReason, RankReason, Request, RequestOutput, SamplingParams
+from .scheduler import QueueFullError, SchedulerConfig
+
+__all__ = [
+    "Engine",
+    "EngineObserver",
+    "EngineStoppedError",
+    "FinishReason",
+    "QueueFullError",
+    "RankReason",
+    "Request",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
+    "StepStats",
+]
