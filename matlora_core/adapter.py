@@ -22,11 +22,10 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be loaded; the message names the file and the tensor or field."""
 
 
-def read_config(directory: str | os.PathLike) -> MatryoshkaConfig:
-    """Read and check ``adapter_config.json`` of an adapter folder."""
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
-        raise AdapterError(f"adapter folder {directory} does not exist or is not a folder")
+def read_json_object(path: Path) -> dict:
+    """Read the JSON object in ``path`` (an adapter's config file); errors name the folder or the file."""
+    if not path.parent.is_dir():
+        raise AdapterError(f"adapter folder {path.parent} does not exist or is not a folder")
     if not path.is_file():
         raise AdapterError(f"{path}: file not found; an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
@@ -35,6 +34,13 @@ def read_config(directory: str | os.PathLike) -> MatryoshkaConfig:
         raise AdapterError(f"{path}: invalid JSON: {error}") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(directory: str | os.PathLike) -> MatryoshkaConfig:
+    """Read and check ``adapter_config.json`` of an adapter folder."""
+    path = Path(directory) / CONFIG_NAME
+    data = read_json_object(path)
     try:
         return MatryoshkaConfig.from_peft_dict(data, source=str(path))
     except AdapterConfigError as error:

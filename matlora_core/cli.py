@@ -48,6 +48,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ranks import INFERENCE_RULES
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="matlora", description=__doc__)
@@ -83,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quality-metric", default=None,
                           help="profile entry the server reports as quality: answer_loss or accuracy "
                                "(default: accuracy when measured, else answer_loss)")
+
+    export = commands.add_parser("export", help="write one rank of an adapter as a plain PEFT LoRA adapter")
+    export.add_argument("--adapter", required=True, help="Matryoshka adapter folder")
+    export.add_argument("--rank", type=int, required=True, help="rank to export, 1..r_max")
+    export.add_argument("--output", type=Path, required=True, help="folder of the PEFT adapter to write")
+    export.add_argument("--rule", choices=INFERENCE_RULES, default=None,
+                        help="inference rule whose rank-r diagonal is exported (default: the adapter's own)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the written tensors (default: float32)")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
+
+    importer = commands.add_parser("import", help="read a plain PEFT LoRA adapter as a one-rank Matryoshka adapter")
+    importer.add_argument("--peft", required=True, help="PEFT LoRA adapter folder")
+    importer.add_argument("--output", type=Path, required=True, help="folder of the Matryoshka adapter to write")
+    importer.add_argument("--model", default=None,
+                          help="base model to load the written adapter on as a check (built-in name, folder or hub id)")
+    importer.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
     return parser
 
 
@@ -98,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "export":
+            return run_export(args)
+        if args.command == "import":
+            return run_import(args)
     except (AdapterError, ModelLoadError, DataFormatError, ValueError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
@@ -117,6 +139,34 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate_cli import run_evaluation
 
     return run_evaluation(args)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .peft_io import export_peft
+
+    output = export_peft(args.adapter, args.rank, args.output, inference_rule=args.rule,
+                         dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    print(f"PEFT adapter written to {output}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from .peft_io import import_peft
+
+    config = import_peft(args.peft, args.output, overwrite=args.overwrite)
+    if args.model:
+        from .adapter import AdapterError, load_adapter
+        from .base_model import load_base_model
+
+        try:
+            load_adapter(load_base_model(args.model).model, args.output)
+        except (AdapterError, ValueError) as error:
+            raise AdapterError(f"{args.output} was written but does not load on {args.model}: {error}") from None
+        print(f"checked: the adapter loads on {args.model}")
+    print(f"Matryoshka adapter written to {args.output}: rank {config.r_max}, scale rule {config.scale_rule}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -102,21 +102,8 @@ class MatryoshkaConfig:
             "profile": {str(rank): metrics for rank, metrics in sorted(self.profile.items())},
             "training": self.training,
         }
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base_model,
-            "r": self.r_max,
-            "lora_alpha": self.r_max,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "use_dora": False,
-            "use_rslora": False,
-            "modules_to_save": None,
-            "target_modules": list(self.target_modules),
-            "matryoshka": matryoshka,
-        }
+        fields = peft_lora_fields(self.base_model, self.r_max, self.r_max, self.target_modules)
+        return {**fields, "matryoshka": matryoshka}
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "MatryoshkaConfig":
@@ -151,6 +138,29 @@ class MatryoshkaConfig:
             raise AdapterConfigError(f"{source}: {error}") from None
         except (TypeError, ValueError) as error:
             raise AdapterConfigError(f"{source}: invalid matryoshka section: {error}") from None
+
+
+def peft_lora_fields(
+    base_model: str, r: int, lora_alpha: float, target_modules: list[str], use_rslora: bool = False
+) -> dict[str, Any]:
+    """Return the fields of a plain PEFT LoRA ``adapter_config.json``; PEFT's scaling is lora_alpha / r.
+
+    With ``use_rslora`` PEFT scales by lora_alpha / sqrt(r) instead.
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "use_rslora": use_rslora,
+        "modules_to_save": None,
+        "target_modules": list(target_modules),
+    }
 
 
 def _field(data: dict[str, Any], name: str, kind: type, source: str) -> Any:

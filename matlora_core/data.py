@@ -63,12 +63,17 @@ def load_examples(path: str | os.PathLike, prompt_format: str, limit: int | None
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataFormatError(f"{path}:{number}: invalid UTF-8 at byte {error.start}") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # Without its line break, so that an error at the end of the line gets this line's column.
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 raise DataFormatError(f"{path}:{number}: invalid JSON: {error.msg} at column {error.colno}") from None
             try:

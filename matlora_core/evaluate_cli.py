@@ -33,15 +33,18 @@ def run_evaluation(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     curves: list[CurveResult] = []
-    examples = None
-    base_results: dict = {}  # rank 0 is the base model whatever the adapter, so it is evaluated once
+    examples_by_format: dict[str, list] = {}
+    # Rank 0 is the base model whatever the adapter, so it is evaluated once per prompt format.
+    base_results_by_format: dict[str, dict] = {}
     for index, adapter_dir in enumerate(args.adapter):
         label = args.label[index] if args.label else Path(adapter_dir).name
         loaded = load_base_model(args.model, dtype=args.dtype, device=device)
         model = load_adapter(loaded.model, adapter_dir, dtype=loaded.model.dtype)
         model.eval()
-        if examples is None:
-            examples = load_examples(args.data, model.config.prompt_format, limit=args.limit)
+        prompt_format = model.config.prompt_format
+        if prompt_format not in examples_by_format:
+            examples_by_format[prompt_format] = load_examples(args.data, prompt_format, limit=args.limit)
+        examples = examples_by_format[prompt_format]
         ranks = args.ranks or model.config.offered_ranks
         for rank in ranks:
             if not 0 <= rank <= model.config.r_max:
@@ -54,11 +57,11 @@ def run_evaluation(args: argparse.Namespace) -> int:
             adapter_curves.append(evaluate_curve(
                 model, loaded.tokenizer, examples, ranks, label=label, adapter=str(adapter_dir), inference_rule=rule,
                 metrics=args.metrics, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                base_results=base_results,
+                base_results=base_results_by_format.setdefault(prompt_format, {}),
             ))
         curves.extend(adapter_curves)
         if args.write_profile:
-            write_profile(adapter_dir, adapter_curves, args)
+            write_profile(adapter_dir, adapter_curves, args, len(examples))
 
     print(format_table(curves))
     meta = {"model": args.model, "data": str(args.data), "examples": len(examples or []), "dtype": args.dtype}
@@ -71,7 +74,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_profile(adapter_dir: str, curves: list[CurveResult], args: argparse.Namespace) -> None:
+def write_profile(adapter_dir: str, curves: list[CurveResult], args: argparse.Namespace, examples: int) -> None:
     """Store the curve of the adapter's own inference rule as its per-rank profile."""
     config = read_config(adapter_dir)
     matching = [c for c in curves if c.inference_rule == config.inference_rule]
@@ -89,6 +92,6 @@ def write_profile(adapter_dir: str, curves: list[CurveResult], args: argparse.Na
         raise ValueError(f"invalid --quality-metric {metric!r}: allowed values are answer_loss, accuracy")
     config.quality_metric = metric
     config.training.setdefault("evaluation", {}).update(
-        {"data": Path(args.data).name, "examples": args.limit, "dtype": args.dtype})
+        {"data": Path(args.data).name, "examples": examples, "dtype": args.dtype})
     write_config(config, adapter_dir)
     logger.info("wrote the %s profile of %s into its config", config.inference_rule, adapter_dir)

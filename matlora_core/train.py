@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from .adapter import expected_shapes, save_adapter, validate_tensors
+from .adapter import save_adapter, validate_tensors
 from .base_model import load_base_model
 from .config import ADAPTER_KINDS, DEFAULT_TARGET_MODULES, MatryoshkaConfig
-from .data import TokenizedExample, collate, load_examples, tokenize_example
+from .data import IGNORE_INDEX, Example, TokenizedExample, collate, load_examples, tokenize_example
 from .model import MatryoshkaModel
 from .ranks import INFERENCE_RULES, SCALE_RULES, dylora_diagonal
 
@@ -68,7 +69,8 @@ class TrainConfig:
     epochs: float | None = option(None, "passes over the data (give this or --max-steps)")
     batch_size: int = option(8, "examples per micro-batch")
     gradient_accumulation: int = option(1, "micro-batches per optimizer step")
-    max_length: int = option(384, "maximum tokens per example, prompt included; longer examples are cut")
+    max_length: int = option(384, "maximum tokens per example, prompt included; longer examples are cut from the "
+                             "end, and an example whose prompt fills it is dropped")
     train_limit: int | None = option(None, "use only the first N examples of the file")
     seed: int = option(0, "seed of the adapter initialisation, the data order and DyLoRA's rank sampling")
     dtype: str = option("float32", "dtype of the base model: float32 or bfloat16 (adapter weights stay float32)")
@@ -92,6 +94,11 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1"),
             (self.gradient_accumulation >= 1, "gradient_accumulation", self.gradient_accumulation, "an integer >= 1"),
             (self.max_length >= 2, "max_length", self.max_length, "an integer >= 2"),
+            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0"),
+            (self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0"),
+            (self.log_every >= 1, "log_every", self.log_every, "an integer >= 1"),
+            (self.save_every >= 0, "save_every", self.save_every, "an integer >= 0"),
+            (self.train_limit is None or self.train_limit >= 1, "train_limit", self.train_limit, "an integer >= 1"),
             ((self.max_steps is None) != (self.epochs is None), "max_steps/epochs",
              (self.max_steps, self.epochs), "exactly one of the two"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1"),
@@ -150,6 +157,24 @@ def learning_rate_factor(step: int, config: TrainConfig, total_steps: int) -> fl
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def trainable_examples(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, config: TrainConfig
+) -> list[TokenizedExample]:
+    """Tokenize the examples, dropping those whose prompt fills max_length and leaves no completion token.
+
+    A batch without a single completion token has a loss of 0/0 = NaN, which would turn every weight into NaN.
+    """
+    tokenized = [tokenize_example(e, tokenizer, config.max_length) for e in examples]
+    trainable = [t for t in tokenized if any(label != IGNORE_INDEX for label in t.labels)]
+    if not trainable:
+        raise ValueError(f"invalid max_length={config.max_length}: every prompt in {config.train_file} fills it, so "
+                         "no completion token is left to train on; raise --max-length")
+    if len(trainable) < len(tokenized):
+        logger.warning("dropped %d of %d examples whose prompt fills max_length=%d",
+                       len(tokenized) - len(trainable), len(tokenized), config.max_length)
+    return trainable
+
+
 class Trainer:
     """Owns the model, the data order, the optimizer and the checkpoints of one training run."""
 
@@ -175,8 +200,7 @@ class Trainer:
             loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         examples = load_examples(config.train_file, adapter_config.prompt_format, limit=config.train_limit)
-        self.examples: list[TokenizedExample] = [tokenize_example(e, self.tokenizer, config.max_length)
-                                                 for e in examples]
+        self.examples = trainable_examples(examples, self.tokenizer, config)
         batches_per_epoch = math.ceil(len(self.examples) / config.batch_size)
         if config.max_steps is not None:
             self.total_steps = config.max_steps
@@ -295,7 +319,9 @@ class Trainer:
         if not state_path.is_file():
             raise FileNotFoundError(f"{state_path}: not found; --resume takes a checkpoint-N folder of a run")
         tensors = load_file(str(directory / "adapter_model.safetensors"))
-        validate_tensors(tensors, expected_shapes(self.model.base_model, self.model.config), directory)
+        # The shapes come from the wrapped layers: the base model's target layers are no longer nn.Linear.
+        shapes = {key: tuple(tensor.shape) for key, tensor in self.model.adapter_state_dict().items()}
+        validate_tensors(tensors, shapes, directory)
         self.model.load_adapter_state_dict(tensors)
         state = torch.load(state_path, weights_only=False)
         if state["total_steps"] != self.total_steps:

@@ -48,6 +48,15 @@ def build_tiny_llama(vocab_size: int, eos_token_id: int, pad_token_id: int, seed
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """Run torch on one thread: on matrices this small, waking a second thread costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with a tiny random Llama and tokenizer that ``load_base_model`` reads like any model folder."""
