@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 
 import uvicorn
@@ -47,7 +49,13 @@ class GracefulServer(uvicorn.Server):
                         self.matlora_app.state.settings.shutdown_grace_s)
             self.matlora_app.state.shutting_down = True
             self.matlora_app.state.engine.stop_accepting()
-        super().handle_exit(sig, frame)
+        # uvicorn.Server.handle_exit also records the signal and raises it again once the server has stopped
+        # (uvicorn >= 0.29), which would end a drained shutdown with status 143 instead of 0. This sets the same
+        # flags without recording: a second SIGINT still forces the exit.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AdapterError, ModelLoadError, ValueError, OSError) as error:
         logger.error("cannot start: %s", error)
         return 1
+    # Open connections get shutdown_grace_s to finish; a timeout of None would wait for them without limit.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None, access_log=False)
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s), access_log=False)
     GracefulServer(config, app).run()
     return 0
 

@@ -63,7 +63,7 @@ def build_engine(components: LoadedComponents, settings: ServerSettings, metrics
     scheduler_config = SchedulerConfig(
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
         max_cached_tokens=settings.max_cached_tokens, max_prefill_tokens=settings.max_prefill_tokens,
-        max_waiting=settings.max_waiting,
+        max_waiting=settings.max_waiting, split_by_rank=settings.rank_batching == "split",
     )
     profile = LatencyProfile({})
     policy = RankPolicy(config.offered_ranks, default_rank, profile, settings.lower_rank_under_load,
@@ -71,8 +71,8 @@ def build_engine(components: LoadedComponents, settings: ServerSettings, metrics
     engine = Engine(components.model, components.tokenizer, scheduler_config, observers=[metrics, profile],
                     admission_hook=policy.lower_if_overloaded)
     if settings.profile_steps > 0:
-        table = measure_decode_steps(engine, config.offered_ranks, settings.profile_batch_sizes,
-                                     settings.profile_steps)
+        batch_sizes = sorted({min(size, settings.max_num_seqs) for size in settings.profile_batch_sizes})
+        table = measure_decode_steps(engine, config.offered_ranks, batch_sizes, settings.profile_steps)
         for (rank, batch_size), seconds in table.items():
             profile.observe(rank, batch_size, seconds)
     return engine, policy

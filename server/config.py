@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-gsm8k-matryoshka"
 
@@ -14,7 +15,8 @@ DEFAULT_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2
 class ServerSettings(BaseSettings):
     """Every option of ``matlora-server``; the environment variable is MATLORA_ plus the upper-case name."""
 
-    model_config = SettingsConfigDict(env_prefix="MATLORA_", extra="forbid")
+    # Errors leave out the rejected input, because api_keys contains secrets.
+    model_config = SettingsConfigDict(env_prefix="MATLORA_", extra="forbid", hide_input_in_errors=True)
 
     # model and adapter
     model: str = Field("smollm2-135m-instruct", description="base model: built-in name, model folder or hub id")
@@ -32,8 +34,9 @@ class ServerSettings(BaseSettings):
     lower_rank_under_load: bool = Field(False, description="serve requests without a fixed rank at a lower rank "
                                                             "while too many requests wait")
     overload_waiting_threshold: int = Field(8, ge=1, description="waiting requests above which ranks are lowered")
-    profile_batch_sizes: list[int] = Field([1, 4, 16], description="batch sizes timed at start-up for the "
-                                                                     "latency profile")
+    profile_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        [1, 4, 16], description="batch sizes timed at start-up for the latency profile; sizes above max_num_seqs "
+                                "are timed at max_num_seqs")
     profile_steps: int = Field(3, ge=0, description="decode steps timed per rank and batch size at start-up "
                                                     "(0 skips the profile)")
 
@@ -43,6 +46,9 @@ class ServerSettings(BaseSettings):
     max_cached_tokens: int = Field(16384, ge=2, description="KV cache tokens reserved by running sequences together")
     max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens in one prefill batch")
     max_waiting: int = Field(256, ge=1, description="waiting requests; more get HTTP 429")
+    rank_batching: Literal["mixed", "split"] = Field(
+        "mixed", description="mixed: requests of any rank share a batch; split: a batch holds one rank at a time, "
+                             "as servers without mixed-rank support do (for comparison runs)")
 
     # request limits
     max_prompt_tokens: int = Field(768, ge=1, description="prompt tokens of one request")
@@ -55,12 +61,27 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="seconds to finish running requests on SIGTERM")
 
     # security
-    api_keys: list[str] = Field([], description="bearer tokens accepted on every route but /health (empty: none)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [], description="bearer tokens accepted on every route but /health (empty: no key needed)")
     api_keys_file: str | None = Field(None, description="file with one bearer token per line")
     metrics_require_key: bool = Field(False, description="require an API key on /metrics too")
-    cors_origins: list[str] = Field([], description="origins allowed by CORS (empty: CORS off)")
+    cors_origins: Annotated[list[str], NoDecode] = Field([], description="origins allowed by CORS (empty: CORS off)")
 
     log_level: str = Field("INFO", description="logging level")
+
+    @field_validator("profile_batch_sizes", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def split_list(cls, value):
+        """Read a list from the environment as comma-separated text ("a,b") or as a JSON list ('["a", "b"]')."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"invalid JSON list ({error}); give comma-separated values or a JSON list of "
+                                 "strings") from None
+        return [part.strip() for part in value.split(",") if part.strip()]
 
     @model_validator(mode="after")
     def check_limits(self) -> "ServerSettings":
@@ -73,8 +94,8 @@ class ServerSettings(BaseSettings):
         if self.max_model_len > self.max_cached_tokens:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds max_cached_tokens={self.max_cached_tokens}")
         for size in self.profile_batch_sizes:
-            if not 1 <= size <= self.max_num_seqs:
-                raise ValueError(f"profile batch size {size} is outside 1..max_num_seqs={self.max_num_seqs}")
+            if size < 1:
+                raise ValueError(f"profile batch size {size} must be >= 1")
         return self
 
     def load_api_keys(self) -> set[str]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request as HTTPRequest
+from jinja2 import TemplateError
 
 from .api.errors import APIError
 from .api.schemas import SamplingFields, Timings, Usage
@@ -46,6 +47,7 @@ class GenerationService:
     # --- preparing a request -------------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str, field: str = "prompt") -> PreparedPrompt:
+        check_encodable(prompt, field)
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return self._checked(ids, field)
 
@@ -53,7 +55,14 @@ class GenerationService:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions or /generate",
                            param="messages")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        for index, message in enumerate(messages):
+            check_encodable(message["content"], f"messages.{index}.content")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as error:
+            # Some chat templates raise on message orders or roles they do not support.
+            raise APIError(422, f"messages: the model's chat template rejected the messages: {error}",
+                           param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return self._checked(list(ids), "messages")
@@ -86,10 +95,10 @@ class GenerationService:
                            param="stop")
         for stop in stops:
             if not stop or len(stop) > settings.max_stop_length:
-                raise APIError(422, f"stop: stop string {stop[:80]!r} must have 1 to {settings.max_stop_length} "
-                               "characters", param="stop")
+                raise APIError(422, f"stop: stop string {stop[:80]!r} has {len(stop)} characters; allowed: 1 to "
+                               f"{settings.max_stop_length}", param="stop")
         return SamplingParams(max_tokens=max_tokens, temperature=float(fields.temperature), top_p=float(fields.top_p),
-                              top_k=fields.top_k, seed=fields.seed, stop=tuple(stops))
+                              top_k=fields.top_k, seed=fields.seed, stop=tuple(stops), ignore_eos=fields.ignore_eos)
 
     def build_request(self, http_request: HTTPRequest, fields: SamplingFields, prompt: PreparedPrompt,
                       sampling: SamplingParams, sink) -> Request:
@@ -118,14 +127,19 @@ class GenerationService:
         request = self.build_request(http_request, fields, prompt, sampling, sink)
         self.submit(request)
         finished = False
+        next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
         try:
             while True:
                 try:
                     output = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
+                    output = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
                     if await http_request.is_disconnected():
                         logger.info("request %s: client disconnected, cancelling", request.request_id)
                         return
+                if output is None:
                     continue
                 finished = output.finished
                 yield output
@@ -150,6 +164,15 @@ class GenerationService:
         """Estimate when a slot frees up: the waiting queue drained at one batch per mean request time."""
         waiting_batches = self.engine.num_waiting() / max(1, self.settings.max_num_seqs)
         return max(1, min(60, round(waiting_batches * 2)))
+
+
+def check_encodable(text: str, field: str) -> None:
+    """Reject text that UTF-8 cannot encode: JSON escapes can carry lone surrogates such as "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(422, f"{field}: invalid Unicode: lone surrogate {text[error.start]!r} at character "
+                       f"{error.start}; send valid UTF-8 text", param=field) from None
 
 
 def new_request_id() -> str:

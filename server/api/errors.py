@@ -47,10 +47,27 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# Location parts that pydantic adds for the member of a union that failed, such as "str" and "list[str]" in
+# ("body", "stop", "list[str]", 0). They are types, not field names, so the field path leaves them out.
+UNION_MEMBER_TAGS = {"str", "int", "float", "bool"}
+
+
+def field_path(location: tuple) -> str | None:
+    """Return the dotted request field of a pydantic error location, such as "messages.0.content"."""
+    parts = list(location[1:] if location[:1] == ("body",) else location)
+    names = [str(part) for part in parts
+             if not (isinstance(part, str) and (part in UNION_MEMBER_TAGS or "[" in part))]
+    return ".".join(names) or None
+
+
 def describe_validation_error(error: dict) -> tuple[str, str | None]:
     """Return a message like "rank: Input should be ... (got 'x')" and the field path of one pydantic error."""
-    location = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
-    param = ".".join(location) or None
+    if error.get("type") == "json_invalid":
+        detail = error.get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON: {detail}".rstrip(": "), None
+    if isinstance(error.get("input"), bytes) and not field_path(tuple(error.get("loc", ()))):
+        return "the request body must be a JSON object sent with Content-Type: application/json", None
+    param = field_path(tuple(error.get("loc", ())))
     message = error.get("msg", "invalid value")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
@@ -76,7 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [describe_validation_error(e) for e in error.errors()]
-        message = "; ".join(text for text, _ in problems) or "invalid request body"
+        # A union field fails once per member type, often with the same text; each distinct message is kept once.
+        message = "; ".join(dict.fromkeys(text for text, _ in problems)) or "invalid request body"
         param = problems[0][1] if problems else None
         return JSONResponse(error_body(422, message, "invalid_request_error", param, request_id_of(request)),
                             status_code=422)
@@ -84,7 +102,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         error_type = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(error.status_code, str(error.detail), error_type, None, request_id_of(request)),
+        message = str(error.detail)
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            # FastAPI (0.165) rejects a body that fails to decode with a bare "There was an error parsing the body".
+            message = f"the request body is not valid UTF-8 ({error.__cause__}); send JSON encoded as UTF-8"
+        return JSONResponse(error_body(error.status_code, message, error_type, None, request_id_of(request)),
                             status_code=error.status_code, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)

@@ -14,9 +14,12 @@ from .errors import APIError, error_body
 from .openai_schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                              ChatCompletionRequest, ChatCompletionResponse, ChatDelta, CompletionChoice,
                              CompletionRequest, CompletionResponse, ModelCard, ModelList, OpenAIFields)
-from .routes import ERRORS, service_of, sse
+from .routes import ERRORS, STREAMED, first_output, service_of, sse
+from .schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1")
+# 404: the request names a model this server does not serve.
+OPENAI_RESPONSES = {**ERRORS, 404: {"model": ErrorResponse}, **STREAMED}
 
 
 def check_model(request: Request, body: OpenAIFields) -> str:
@@ -46,7 +49,8 @@ async def collect(outputs: AsyncIterator[RequestOutput]) -> tuple[str, RequestOu
     raise APIError(499, "the client disconnected before the request finished")
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=ERRORS, summary="OpenAI text completion")
+@router.post("/completions", response_model=CompletionResponse, responses=OPENAI_RESPONSES,
+             summary="OpenAI text completion")
 async def completions(body: CompletionRequest, request: Request):
     service = service_of(request)
     model = check_model(request, body)
@@ -56,7 +60,7 @@ async def completions(body: CompletionRequest, request: Request):
     request_id = request.state.request_id
 
     if body.stream:
-        first = await anext(outputs)
+        first = await first_output(outputs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(output: RequestOutput) -> dict:
@@ -79,7 +83,7 @@ async def completions(body: CompletionRequest, request: Request):
                               choices=[CompletionChoice(text=text, finish_reason=final.request.finish_reason.value)])
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS,
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=OPENAI_RESPONSES,
              summary="OpenAI chat completion (chat template from the tokenizer)")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = service_of(request)
@@ -91,7 +95,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     request_id = request.state.request_id
 
     if body.stream:
-        first = await anext(outputs)
+        first = await first_output(outputs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sent_role = False
 

@@ -101,7 +101,7 @@ class MatloraFields(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length"] | None = None
     logprobs: None = None
 
 

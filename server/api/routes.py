@@ -8,13 +8,19 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..engine import RequestOutput
 from ..generation import GenerationService, final_error, timings_of, usage_of
 from .errors import APIError, error_body
 from .schemas import (ErrorResponse, GenerateRequest, GenerateResponse, GenerateStreamEvent, HealthResponse,
                       RankProfileEntry, RanksResponse)
 
 router = APIRouter()
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 500, 503, 504)}
+# With "stream": true a generation route responds 200 with server-sent events instead of one JSON body. As
+# OpenAPI 3.1 has no item schema for streams, the schema describes one event.
+STREAM_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a JSON chunk, or [DONE] after the last one"}}}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": STREAM_EVENT}}}}
 
 
 def service_of(request: Request) -> GenerationService:
@@ -26,7 +32,7 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=ERRORS,
+@router.post("/generate", response_model=GenerateResponse, responses={**ERRORS, **STREAMED},
              summary="Generate text at a rank chosen per request")
 async def generate(body: GenerateRequest, request: Request):
     service = service_of(request)
@@ -35,7 +41,7 @@ async def generate(body: GenerateRequest, request: Request):
     outputs = service.run(request, body, prompt, sampling)
 
     if body.stream:
-        first = await anext(outputs)  # submit now, so a full queue answers 429 before the stream starts
+        first = await first_output(outputs)
         return StreamingResponse(stream_generate(first, outputs), media_type="text/event-stream",
                                  headers={"X-Request-ID": request.state.request_id})
 
@@ -53,6 +59,18 @@ async def generate(body: GenerateRequest, request: Request):
                 finish_reason=finished.finish_reason.value, usage=usage_of(finished), timings=timings_of(finished),
             )
     raise APIError(499, "the client disconnected before the request finished")
+
+
+async def first_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Submit the request and wait for its first output, so a full queue (429) or a request that fails before any
+    text (500) gets its HTTP status instead of a 200 stream that carries the error."""
+    output = await anext(outputs, None)
+    if output is None:
+        raise APIError(499, "the client disconnected before the request finished")
+    error = final_error(output) if output.finished else None
+    if error is not None:
+        raise error
+    return output
 
 
 async def stream_generate(first, outputs: AsyncIterator) -> AsyncIterator[str]:

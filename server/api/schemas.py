@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-Number = StrictFloat | StrictInt
+# A JSON number: StrictFloat accepts integers too (as floats) but not strings or booleans. One type instead of a
+# float | int union, so an invalid value gets one error naming the field.
+Number = StrictFloat
 
 
 class StrictModel(BaseModel):
@@ -26,6 +28,8 @@ class SamplingFields(StrictModel):
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
+    ignore_eos: StrictBool = Field(False, description="keep generating past the end-of-sequence token until "
+                                                      "max tokens or a stop string (for benchmarks)")
     rank: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="adapter rank; must be offered")
     latency_budget_ms: Annotated[Number, Field(gt=0)] | None = Field(
         None, description="budget per output token in milliseconds; picks the largest rank predicted to fit")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -91,6 +92,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # Final outputs held back while a forward's results are processed, or None outside _finals_after_stats.
+        self._held_finals: list[tuple[Request, RequestOutput]] | None = None
 
     def _eos_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -239,11 +242,12 @@ class Engine:
             lambda: self.runner.prefill(first_slot, [r.prompt_token_ids for r in newcomers], ranks),
             lambda i: self.runner.prefill(first_slot + i, [newcomers[i].prompt_token_ids], [ranks[i]]),
         )
-        generated = self._process(newcomers, logits)
-        self._notify_step(StepStats(
-            phase="prefill", seconds=time.perf_counter() - started, batch_size=len(newcomers), ranks=ranks,
-            max_rank=max(ranks), prompt_tokens=tokens_by_rank(newcomers), generated_tokens=generated,
-        ))
+        with self._finals_after_stats():
+            generated = self._process(newcomers, logits)
+            self._notify_step(StepStats(
+                phase="prefill", seconds=time.perf_counter() - started, batch_size=len(newcomers), ranks=ranks,
+                max_rank=max(ranks), prompt_tokens=tokens_by_rank(newcomers), generated_tokens=generated,
+            ))
 
     def _decode(self) -> None:
         running = self.scheduler.running
@@ -255,11 +259,12 @@ class Engine:
             lambda: self.runner.decode(tokens, ranks),
             lambda i: self.runner.decode_rows([i], [tokens[i]], [ranks[i]]),
         )
-        generated = self._process(running, logits)
-        self._notify_step(StepStats(
-            phase="decode", seconds=time.perf_counter() - started, batch_size=len(running), ranks=ranks,
-            max_rank=max(ranks), generated_tokens=generated,
-        ))
+        with self._finals_after_stats():
+            generated = self._process(running, logits)
+            self._notify_step(StepStats(
+                phase="decode", seconds=time.perf_counter() - started, batch_size=len(running), ranks=ranks,
+                max_rank=max(ranks), generated_tokens=generated,
+            ))
 
     def _forward_isolated(self, requests, batched, single) -> list[torch.Tensor | None]:
         """Run the batched forward; if it raises, run each row alone so one bad request fails alone."""
@@ -284,12 +289,17 @@ class Engine:
         if not active:
             return generated
         batch = torch.stack([row for _, row in active])
-        finite = torch.isfinite(batch).all(dim=-1).tolist()
-        tokens = sample_tokens(torch.nan_to_num(batch), [r for r, _ in active])
+        # NaN or +inf anywhere, or no finite logit at all, means the row is broken; a -inf logit alone only
+        # masks a token out.
+        finite = ~(torch.isnan(batch).any(-1) | torch.isposinf(batch).any(-1) | torch.isneginf(batch).all(-1))
+        finite = finite.tolist()
+        tokens = self._sample_isolated(torch.nan_to_num(batch), [r for r, _ in active])
         now = time.monotonic()
         for (request, _), token, is_finite in zip(active, tokens, finite):
             if not is_finite:
                 self._finish(request, FinishReason.ERROR, "the model produced NaN or inf logits")
+                continue
+            if token is None:
                 continue
             try:
                 self._append_token(request, token, now)
@@ -299,6 +309,22 @@ class Engine:
                 continue
             generated[request.rank] = generated.get(request.rank, 0) + 1
         return generated
+
+    def _sample_isolated(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
+        """Sample every row; if that raises, sample each row alone so one bad request fails alone (None)."""
+        try:
+            return sample_tokens(logits, requests)
+        except Exception:
+            logger.exception("sampling %d rows failed; retrying each row alone", len(requests))
+        tokens: list[int | None] = []
+        for row, request in enumerate(requests):
+            try:
+                tokens.append(sample_tokens(logits[row:row + 1], [request])[0])
+            except Exception as error:
+                logger.exception("request %s failed in sampling", request.request_id)
+                self._finish(request, FinishReason.ERROR, f"sampling failed: {type(error).__name__}")
+                tokens.append(None)
+        return tokens
 
     def _append_token(self, request: Request, token: int, now: float) -> None:
         if request.first_token_time is None:
@@ -328,13 +354,38 @@ class Engine:
         request.finish_time = time.monotonic()
         detokenizer = self.detokenizers.pop(request.request_id, None)
         text = detokenizer.sendable_text(finished=True) if detokenizer and reason != FinishReason.ERROR else ""
+        output = RequestOutput(request.request_id, text, [], rank=request.rank, finished=True,
+                               finish_reason=reason, error=error, request=request)
+        if self._held_finals is not None:
+            self._held_finals.append((request, output))
+        else:
+            self._send_final(request, output)
+
+    def _send_final(self, request: Request, output: RequestOutput) -> None:
+        # Observers first, so a client that has its final output also finds the request in the metrics.
+        for observer in self.observers:
+            try:
+                observer.on_request_finished(request)
+            except Exception:
+                logger.exception("request %s: finish observer %s failed", request.request_id, type(observer).__name__)
         try:
-            request.sink(RequestOutput(request.request_id, text, [], rank=request.rank, finished=True,
-                                       finish_reason=reason, error=error, request=request))
+            request.sink(output)
         except Exception:
             logger.exception("request %s: delivering the final output failed", request.request_id)
-        for observer in self.observers:
-            observer.on_request_finished(request)
+
+    @contextmanager
+    def _finals_after_stats(self) -> Iterator[None]:
+        """Hold the final outputs of a forward until its StepStats reach the observers, then send them.
+
+        Without this, a client could read /metrics after its response but before its last tokens were counted.
+        """
+        self._held_finals = []
+        try:
+            yield
+        finally:
+            held, self._held_finals = self._held_finals, None
+            for request, output in held:
+                self._send_final(request, output)
 
     def _retire(self) -> None:
         before = len(self.scheduler.running)

@@ -24,8 +24,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
+        # Drop a token when the tokens ranked above it already reach top_p. The first token always stays, even for a
+        # top_p that rounds to 0 in the logits' dtype.
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
     return logits
 
@@ -39,7 +41,11 @@ def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             continue
         if request.generator is None:
             request.generator = make_generator(params.seed, logits.device)
-        row_logits = filter_logits(logits[row] / params.temperature, params.top_k, params.top_p)
+        # Shift the top logit to 0 before dividing, in float64: any temperature > 0, however small, then gives
+        # values in [-inf, 0] and never inf or NaN (a float32 temperature of 1e-300 would round to 0).
+        row_logits = logits[row].double()
+        scaled = (row_logits - row_logits.max()) / params.temperature
+        row_logits = filter_logits(scaled, params.top_k, params.top_p)
         probabilities = row_logits.softmax(-1)
         tokens[row] = int(torch.multinomial(probabilities, 1, generator=request.generator))
     return tokens

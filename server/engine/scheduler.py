@@ -16,6 +16,7 @@ class SchedulerConfig:
     max_cached_tokens: int = 16384      # KV cache tokens reserved by all running sequences together
     max_prefill_tokens: int = 4096      # padded prompt tokens in one prefill batch
     max_waiting: int = 256              # waiting requests; beyond this, submissions are rejected
+    split_by_rank: bool = False         # admit only requests of the running batch's rank (for comparison runs)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_cached_tokens", "max_prefill_tokens", "max_waiting"):
@@ -59,6 +60,8 @@ class Scheduler:
         longest_prompt = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.config.split_by_rank and self.running and request.rank != self.running[0].rank:
+                break
             if self.reserved_tokens + request.num_reserved_tokens > self.config.max_cached_tokens:
                 break
             longest_prompt = max(longest_prompt, request.num_prompt_tokens)
