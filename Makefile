@@ -33,3 +33,8 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Build the images and run docker-compose.yml with local stand-ins (root; slow, so not part of `make test`).
+.PHONY: compose-smoke
+compose-smoke:
+	bash scripts/compose_smoke.sh
