@@ -155,6 +155,8 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default: 64)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--split-rounds", type=int, default=1,
+                        help="rounds of the split-by-rank load, which is several times slower (default: 1)")
     parser.add_argument("--skip-transformers-serve", action="store_true", help="leave out `transformers serve`")
     parser.add_argument("--log-dir", default="/tmp/matlora-bench", help="server logs (default: %(default)s)")
     args = parser.parse_args()
@@ -207,7 +209,7 @@ def main() -> int:
                 asyncio.run(closed_loop(url, warm, 1))
         for round_index in range(args.rounds):
             for name, bodies in loads.items():
-                if targets[name] is None:
+                if targets[name] is None or (name == "matlora split by rank" and round_index >= args.split_rounds):
                     continue
                 result = asyncio.run(closed_loop(targets[name], bodies, args.concurrency))
                 results[name].append(result)

@@ -19,7 +19,7 @@ from matlora_core.base_model import load_base_model
 from .api import openai_routes, routes
 from .api.errors import install_error_handlers
 from .config import ServerSettings
-from .engine import Engine, SchedulerConfig
+from .engine import Engine, SchedulerConfig, TensorThread
 from .engine.profiling import measure_decode_steps
 from .generation import GenerationService, new_request_id
 from .metrics import ServerMetrics
@@ -79,10 +79,17 @@ def build_engine(components: LoadedComponents, settings: ServerSettings, metrics
 
 
 def create_app(settings: ServerSettings, components: LoadedComponents | None = None) -> FastAPI:
-    components = components or load_components(settings)
+    """Build the app; without ``components``, load the model and run all tensor work on one TensorThread."""
+    tensor_thread = None
+    if components is None:
+        tensor_thread = TensorThread()
+        components = tensor_thread.run(load_components, settings)
     adapter_config = components.model.config
     metrics = ServerMetrics(adapter_config.offered_ranks)
-    engine, policy = build_engine(components, settings, metrics)
+    if tensor_thread is not None:
+        engine, policy = tensor_thread.run(build_engine, components, settings, metrics)
+    else:
+        engine, policy = build_engine(components, settings, metrics)
     adapter_name = Path(components.adapter_path).name
     metrics.describe_server(components.model_name, adapter_name, adapter_config.inference_rule, settings.dtype,
                             adapter_config.profile)
@@ -90,7 +97,7 @@ def create_app(settings: ServerSettings, components: LoadedComponents | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        engine.start(tensor_thread)
         logger.info("serving %s with adapter %s: ranks %s, default %d, rule %s, dtype %s", components.model_name,
                     components.adapter_path, policy.offered, policy.default_rank, adapter_config.inference_rule,
                     settings.dtype)

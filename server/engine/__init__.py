@@ -1,6 +1,6 @@
 """The serving engine: continuous batching over a slot KV cache with one rank per sequence."""
 
-from .engine import Engine, EngineObserver, EngineStoppedError, StepStats
+from .engine import Engine, EngineObserver, EngineStoppedError, StepStats, TensorThread
 from .request import FinishReason, RankReason, Request, RequestOutput, SamplingParams
 from .scheduler import QueueFullError, SchedulerConfig
 
@@ -16,4 +16,5 @@ __all__ = [
     "SamplingParams",
     "SchedulerConfig",
     "StepStats",
+    "TensorThread",
 ]

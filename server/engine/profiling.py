@@ -18,7 +18,7 @@ def measure_decode_steps(engine: Engine, ranks: Sequence[int], batch_sizes: Sequ
     Each measurement prefills ``batch_size`` synthetic rows of ``context_tokens`` tokens, runs one untimed decode
     step, then times ``steps`` more. The cache is cleared afterwards.
     """
-    if engine._thread is not None:
+    if engine.started:
         raise RuntimeError("measure the latency profile before the engine thread starts")
     cache, runner = engine.cache, engine.runner
     context_tokens = min(context_tokens, engine.config.max_model_len - steps - 2)
