@@ -46,6 +46,8 @@ def load_components(settings: ServerSettings) -> LoadedComponents:
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.dtype == "float16" and not device.startswith("cuda"):
+        raise ValueError(f"dtype float16 needs a CUDA device, got device {device!r}: use float32 or bfloat16 on CPU")
     loaded = load_base_model(settings.model, dtype=settings.dtype, device=device)
     model = load_adapter(loaded.model, settings.adapter, dtype=loaded.model.dtype)
     model.eval()

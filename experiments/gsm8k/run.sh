@@ -2,7 +2,7 @@
 # LoRA vs DyLoRA vs Matryoshka on SmolLM2-135M-Instruct and GSM8K: a learning-rate sweep, three final runs with
 # the same data, steps and r_max, and an evaluation of every rank of S. docs/results.md reports the outcome.
 #
-# Usage: GSM8K_DIR=/path/to/gsm8k experiments/gsm8k/run.sh [sweep|final|eval|all]
+# Usage: GSM8K_DIR=/path/to/gsm8k experiments/gsm8k/run.sh [sweep|final|eval|package|all]
 # GSM8K_DIR must hold GSM8K's train.jsonl and test.jsonl. Finished runs are skipped, so the script can be resumed.
 set -euo pipefail
 
@@ -73,10 +73,20 @@ run_eval() {
     --output "$WORK/final/eval.json" --plot "$WORK/final/rank_curves.png" | tee "$WORK/final/eval.txt"
 }
 
+# Package the Matryoshka run as the bundled adapter, then measure the answer-token loss on the first 200 test
+# questions at each offered rank for the adapter card.
+run_package() {
+  target=${ADAPTER_OUT:-adapters/smollm2-135m-gsm8k-matryoshka}
+  python3 "$(dirname "$0")/package_adapter.py" "$WORK/final/matryoshka" "$WORK/final/eval.json" "$target"
+  "$MATLORA" eval --model smollm2-135m-instruct --adapter "$target" --data "$GSM8K_DIR/test.jsonl" --limit 200 \
+    --metrics loss --dtype float32 --output "$WORK/final/card_loss.json" | tee "$WORK/final/card_loss.txt"
+}
+
 case "${1:-all}" in
   sweep) run_sweep ;;
   final) run_final ;;
   eval) run_eval ;;
-  all) run_sweep; run_final; run_eval ;;
-  *) echo "usage: $0 [sweep|final|eval|all]" >&2; exit 2 ;;
+  package) run_package ;;
+  all) run_sweep; run_final; run_eval; run_package ;;
+  *) echo "usage: $0 [sweep|final|eval|package|all]" >&2; exit 2 ;;
 esac
