@@ -54,6 +54,25 @@ def write_config(config: MatryoshkaConfig, directory: str | os.PathLike) -> Path
     return path
 
 
+def check_output_folder(output_dir: str | os.PathLike, option: str, overwrite: bool) -> None:
+    """Raise ValueError when ``output_dir`` cannot receive an adapter, naming ``option``, the flag that set it.
+
+    That is the case when it, or a folder above it, exists as a file, or when it already contains an adapter file
+    and ``overwrite`` is off.
+    """
+    output = Path(output_dir)
+    for path in (output, *output.parents):
+        if path.exists() and not path.is_dir():
+            where = "is an existing file" if path == output else f"is inside {path}, which is a file"
+            raise ValueError(f"{option} {output} {where}: give a folder path")
+    if overwrite:
+        return
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if (output / name).exists():
+            raise ValueError(f"{option} {output} already contains {name}: choose another folder or pass "
+                             "--overwrite to replace the adapter")
+
+
 def save_adapter(model: MatryoshkaModel, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write the adapter folder; ``dtype`` sets the stored tensor type (default: the parameters' own)."""
     directory = Path(directory)
@@ -69,19 +88,53 @@ def save_adapter(model: MatryoshkaModel, directory: str | os.PathLike, dtype: to
 
 def expected_shapes(base_model: nn.Module, config: MatryoshkaConfig) -> dict[str, tuple[int, int]]:
     """Return the PEFT key and shape of every adapter tensor that ``config`` implies for ``base_model``."""
-    targets = set(config.target_modules)
+    return linear_layer_shapes(base_model, config.r_max, set(config.target_modules))
+
+
+def linear_layer_shapes(
+    base_model: nn.Module, r_max: int, targets: set[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Return the PEFT key and shape of the adapter tensors of each nn.Linear whose leaf name is in ``targets``.
+
+    ``targets=None`` takes every nn.Linear of the model.
+    """
     shapes = {}
     for name, module in base_model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear):
-            shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (config.r_max, module.in_features)
-            shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (module.out_features, config.r_max)
+        if isinstance(module, nn.Linear) and (targets is None or name.rsplit(".", 1)[-1] in targets):
+            shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r_max, module.in_features)
+            shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (module.out_features, r_max)
     return shapes
+
+
+def check_untargeted_tensors(
+    tensors: dict[str, torch.Tensor], base_model: nn.Module, config: MatryoshkaConfig, directory: str | os.PathLike
+) -> None:
+    """Raise AdapterError for tensors of linear layers that ``target_modules`` of the config leaves out.
+
+    Such a file was usually saved with more target modules than its config lists, so the message points at the
+    config rather than at the tensors.
+    """
+    targeted = expected_shapes(base_model, config)
+    untargeted = sorted(set(tensors) & set(linear_layer_shapes(base_model, config.r_max)) - set(targeted))
+    if not untargeted:
+        return
+    # A key is base_model.model.<module path>.lora_A.weight; the leaf is the name that target_modules lists.
+    leaves = sorted({key.rsplit(".", 3)[-3] for key in untargeted})
+    more = f" and {len(untargeted) - 1} more" if len(untargeted) > 1 else ""
+    if len(leaves) == 1:
+        modules, fix = f"module {leaves[0]} is", "add it there or remove its tensors"
+    else:
+        modules, fix = f"modules {', '.join(leaves)} are", "add them there or remove their tensors"
+    raise AdapterError(
+        f"{Path(directory) / WEIGHTS_NAME}: unexpected tensor {untargeted[0]}{more}: {modules} not in "
+        f"target_modules {json.dumps(config.target_modules)} of {Path(directory) / CONFIG_NAME}; {fix}"
+    )
 
 
 def validate_tensors(
     tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], source: str | os.PathLike
 ) -> None:
-    """Raise AdapterError for a missing, extra, misshapen or non-finite tensor, naming the file and the key."""
+    """Raise AdapterError for a missing, extra, misshapen, non-floating or non-finite tensor, naming file and key."""
     missing = sorted(set(shapes) - set(tensors))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -90,12 +143,16 @@ def validate_tensors(
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise AdapterError(
-            f"{source}: unexpected tensor {extra[0]}{more}; it matches no target module of the base model"
+            f"{source}: unexpected tensor {extra[0]}{more}: it matches no adapted linear layer of the base model"
         )
     for key, shape in shapes.items():
         actual = tuple(tensors[key].shape)
         if actual != shape:
             raise AdapterError(f"{source}: tensor {key} has shape {list(actual)}, the base model needs {list(shape)}")
+        if not tensors[key].is_floating_point():
+            dtype = str(tensors[key].dtype).removeprefix("torch.")
+            raise AdapterError(f"{source}: tensor {key} has dtype {dtype}: adapter tensors must be floating point "
+                               "(float32, bfloat16 or float16)")
         if not torch.isfinite(tensors[key]).all():
             raise AdapterError(f"{source}: tensor {key} contains NaN or inf values")
 
@@ -122,6 +179,7 @@ def load_adapter(
             f"{Path(directory) / CONFIG_NAME}: target_modules {config.target_modules} match no linear layer "
             f"of {type(base_model).__name__}"
         )
+    check_untargeted_tensors(tensors, base_model, config, directory)
     validate_tensors(tensors, shapes, weights_path)
 
     model = MatryoshkaModel(base_model, config)

@@ -10,7 +10,11 @@ import types
 import typing
 from pathlib import Path
 
+from .config import format_choices
+
 logger = logging.getLogger("matlora")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -22,6 +26,24 @@ def parse_int_list(text: str) -> list[int]:
 
 def parse_str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: expected an integer >= 1")
+    return value
+
+
+def parse_log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid log level {text!r}: choose {format_choices(LOG_LEVELS)} "
+                                         "(case-insensitive)")
+    return level
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -48,11 +70,13 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .base_model import DTYPES
     from .ranks import INFERENCE_RULES
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="matlora", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", type=parse_log_level, default="INFO",
+                        help=f"logging level: {format_choices(LOG_LEVELS)}, case-insensitive (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a lora, dylora or matryoshka adapter")
@@ -64,26 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
                           help="adapter folder; repeat to compare several in one table and picture")
     evaluate.add_argument("--label", action="append", help="display name per --adapter (default: folder name)")
     evaluate.add_argument("--data", required=True, help="JSON Lines file of question/answer objects")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    evaluate.add_argument("--limit", type=parse_positive_int, default=None,
+                          help="evaluate only the first N examples, N >= 1 (default: all)")
     evaluate.add_argument("--ranks", type=parse_int_list, default=None,
                           help="ranks to evaluate, comma-separated (default: the adapter's offered ranks)")
     evaluate.add_argument("--rule", type=parse_str_list, action="append", default=None,
                           help="inference rules to evaluate: paper, partial_sum or both comma-separated; give it "
                                "once for all adapters or once per --adapter (default: each adapter's own rule)")
     evaluate.add_argument("--metrics", type=parse_str_list, default=["loss", "accuracy"],
-                          help="loss, accuracy or both (default: loss,accuracy)")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256,
-                          help="generation limit for accuracy, in tokens (default: 256)")
-    evaluate.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+                          help="loss (also accepted as answer_loss), accuracy or both, comma-separated "
+                               "(default: loss,accuracy)")
+    evaluate.add_argument("--batch-size", type=parse_positive_int, default=16,
+                          help="sequences per forward, >= 1 (default: 16)")
+    evaluate.add_argument("--max-new-tokens", type=parse_positive_int, default=256,
+                          help="generation limit for accuracy, in tokens, >= 1 (default: 256)")
+    evaluate.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                          help=f"dtype of the base model and the adapter: {format_choices(DTYPES)}; float16 needs "
+                               "a CUDA device (default: float32)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     evaluate.add_argument("--output", type=Path, default=None, help="write the results as JSON to this file")
     evaluate.add_argument("--plot", type=Path, default=None, help="write a PNG of the rank curves to this file")
     evaluate.add_argument("--write-profile", action="store_true",
                           help="store the per-rank results in each adapter's config, where the server reads them")
     evaluate.add_argument("--quality-metric", default=None,
-                          help="profile entry the server reports as quality: answer_loss or accuracy "
-                               "(default: accuracy when measured, else answer_loss)")
+                          help="with --write-profile: profile entry the server reports as quality, answer_loss "
+                               "or accuracy; --metrics must measure it (default: accuracy when measured, "
+                               "else answer_loss)")
 
     export = commands.add_parser("export", help="write one rank of an adapter as a plain PEFT LoRA adapter")
     export.add_argument("--adapter", required=True, help="Matryoshka adapter folder")
@@ -91,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, required=True, help="folder of the PEFT adapter to write")
     export.add_argument("--rule", choices=INFERENCE_RULES, default=None,
                         help="inference rule whose rank-r diagonal is exported (default: the adapter's own)")
-    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    export.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the written tensors (default: float32)")
     export.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output")
 
@@ -106,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .adapter import AdapterError
     from .base_model import ModelLoadError
     from .data import DataFormatError
@@ -120,10 +150,21 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "import":
             return run_import(args)
-    except (AdapterError, ModelLoadError, DataFormatError, ValueError, FileNotFoundError) as error:
+    except (AdapterError, ModelLoadError, DataFormatError, ValueError) as error:
         logger.error("%s", error)
         return 2
+    except OSError as error:
+        # A file system failure that no check caught first, such as a folder without write permission.
+        logger.error("%s", describe_os_error(error))
+        return 2
     return 1
+
+
+def describe_os_error(error: OSError) -> str:
+    """Return ``path: reason`` for an OSError that carries a file name, else its own message."""
+    if error.filename is None or error.strerror is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror}"
 
 
 def run_train(args: argparse.Namespace) -> int:

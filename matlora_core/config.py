@@ -18,6 +18,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def format_choices(values) -> str:
+    """Join allowed values for a message: ``a, b or c``."""
+    values = [str(value) for value in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
 class AdapterConfigError(ValueError):
     """An adapter config that is missing a field or holds an invalid value."""
 
@@ -67,13 +73,16 @@ class MatryoshkaConfig:
                 raise AdapterConfigError(f"trained rank {rank} is outside 1..r_max={self.r_max}")
         self.trained_ranks = normalize_ranks(self.trained_ranks, self.r_max)
         if self.scale_rule not in SCALE_RULES:
-            raise AdapterConfigError(f"scale_rule {self.scale_rule!r} is invalid: allowed values are {SCALE_RULES}")
-        if self.inference_rule not in INFERENCE_RULES:
             raise AdapterConfigError(
-                f"inference_rule {self.inference_rule!r} is invalid: allowed values are {INFERENCE_RULES}"
+                f"scale_rule {self.scale_rule!r} is invalid: allowed values are {format_choices(SCALE_RULES)}"
             )
+        if self.inference_rule not in INFERENCE_RULES:
+            allowed = format_choices(INFERENCE_RULES)
+            raise AdapterConfigError(f"inference_rule {self.inference_rule!r} is invalid: allowed values are {allowed}")
         if self.adapter_kind not in ADAPTER_KINDS:
-            raise AdapterConfigError(f"adapter_kind {self.adapter_kind!r} is invalid: allowed values are {ADAPTER_KINDS}")
+            raise AdapterConfigError(
+                f"adapter_kind {self.adapter_kind!r} is invalid: allowed values are {format_choices(ADAPTER_KINDS)}"
+            )
         for rank in self.offered_ranks:
             if not 0 <= rank <= self.r_max:
                 raise AdapterConfigError(f"serving rank {rank} is outside 0..r_max={self.r_max}")

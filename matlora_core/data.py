@@ -31,19 +31,28 @@ class Example:
     reference: str | None = None   # the final answer after '####', when the completion has one
 
 
+KEY_PAIRS = (("question", "answer"), ("prompt", "completion"))
+
+
 def parse_example(record: object, prompt_format: str) -> Example:
-    """Turn one decoded JSON line into an Example; raise ValueError saying what is wrong."""
+    """Turn one decoded JSON line into an Example; raise ValueError saying what is wrong.
+
+    The first complete key pair is used, question/answer before prompt/completion, and other keys are ignored. A
+    line with neither pair complete is rejected, and the message names the missing keys of each pair it started.
+    """
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if "question" in record or "answer" in record:
-        keys = ("question", "answer")
-    elif "prompt" in record or "completion" in record:
-        keys = ("prompt", "completion")
-    else:
-        raise ValueError(f"expected keys question/answer or prompt/completion, got {sorted(record)}")
+    keys = next((pair for pair in KEY_PAIRS if all(key in record for key in pair)), None)
+    if keys is None:
+        started = [pair for pair in KEY_PAIRS if any(key in record for key in pair)]
+        if not started:
+            raise ValueError(f"expected keys question/answer or prompt/completion, got {sorted(record)}")
+        missing = " or ".join(f"key {key!r}" for pair in started for key in pair if key not in record)
+        if len(started) > 1:
+            raise ValueError(f"missing {missing}: a line needs both keys of question/answer or of prompt/completion")
+        raise ValueError(f"missing {missing}")
+
     for key in keys:
-        if key not in record:
-            raise ValueError(f"missing key {key!r}")
         if not isinstance(record[key], str):
             raise ValueError(f"key {key!r} must be a string, got {type(record[key]).__name__}")
         if not record[key].strip():
@@ -58,7 +67,12 @@ def parse_example(record: object, prompt_format: str) -> Example:
 
 
 def load_examples(path: str | os.PathLike, prompt_format: str, limit: int | None = None) -> list[Example]:
-    """Read a JSON Lines file; a malformed line raises DataFormatError with the file name and line number."""
+    """Read a JSON Lines file, or its first ``limit`` examples when given.
+
+    A malformed line raises DataFormatError with the file name and line number.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"invalid limit {limit}: it must be an integer >= 1, or None for the whole file")
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")

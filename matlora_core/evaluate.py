@@ -153,8 +153,8 @@ def evaluate_curve(
         if "accuracy" in metrics:
             result.accuracy, _ = greedy_accuracy(model, tokenizer, examples, rank, rule, batch_size, max_new_tokens)
         result.seconds = time.perf_counter() - started
-        logger.info("%s rank %d: loss %s accuracy %s (%.0f s)", label, rank, _fmt(result.answer_loss),
-                    _fmt(result.accuracy), result.seconds)
+        logger.info("%s, rule %s, rank %d: loss %s accuracy %s (%.0f s)", label, rule, rank,
+                    _fmt(result.answer_loss), _fmt(result.accuracy), result.seconds)
         curve.ranks.append(result)
         if rank == 0 and base_results is not None:
             base_results[0] = result

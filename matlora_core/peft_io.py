@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapter import AdapterError, read_config, read_json_object, write_config
-from .config import CONFIG_NAME, WEIGHTS_NAME, MatryoshkaConfig, peft_lora_fields
+from .adapter import AdapterError, check_output_folder, read_config, read_json_object, write_config
+from .config import CONFIG_NAME, WEIGHTS_NAME, MatryoshkaConfig, format_choices, peft_lora_fields
 from .model import PEFT_PREFIX
 from .ranks import effective_width, rank_scale, serving_diagonal
 
@@ -75,7 +75,7 @@ def export_peft(
     overwrite: bool = False,
 ) -> Path:
     """Write a plain PEFT LoRA adapter that computes what ``adapter_dir`` serves at ``rank``."""
-    check_output_folder(output_dir, adapter_dir, overwrite)
+    check_conversion_output(output_dir, adapter_dir, overwrite)
     config = read_config(adapter_dir)
     rule = inference_rule or config.inference_rule
     check_export_rank(rank, config, rule)
@@ -141,7 +141,7 @@ def import_peft(
     peft_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
 ) -> MatryoshkaConfig:
     """Write ``peft_dir``, a plain PEFT LoRA adapter, as a one-rank Matryoshka adapter whose rank r equals it."""
-    check_output_folder(output_dir, peft_dir, overwrite)
+    check_conversion_output(output_dir, peft_dir, overwrite)
     config_path = Path(peft_dir) / CONFIG_NAME
     data = read_json_object(config_path)
     r, lora_alpha, use_rslora = check_peft_config(data, str(config_path))
@@ -192,8 +192,8 @@ def check_peft_config(data: dict[str, Any], source: str) -> tuple[int, float, bo
     init = data.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
         raise AdapterError(f"{source}: init_lora_weights={init!r} is not supported: this initialisation changes the "
-                           f"base weights; allowed values are {PLAIN_INITS}. Convert the adapter to a standard "
-                           "LoRA with PEFT first")
+                           f"base weights; allowed values are {format_choices(map(json.dumps, PLAIN_INITS))}. "
+                           "Convert the adapter to a standard LoRA with PEFT first")
     targets = data.get("target_modules")
     valid_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (valid_list or targets == "all-linear"):
@@ -221,13 +221,11 @@ def scale_rule_for(r: int, lora_alpha: float, use_rslora: bool) -> tuple[str, fl
 # --- files ---------------------------------------------------------------------------------------------
 
 
-def check_output_folder(output_dir: str | os.PathLike, source_dir: str | os.PathLike, overwrite: bool) -> None:
+def check_conversion_output(output_dir: str | os.PathLike, source_dir: str | os.PathLike, overwrite: bool) -> None:
     output = Path(output_dir)
     if output.resolve() == Path(source_dir).resolve():
         raise ValueError(f"output folder {output} is the input folder: choose another folder")
-    if (output / CONFIG_NAME).exists() and not overwrite:
-        raise ValueError(f"output folder {output} already contains {CONFIG_NAME}: choose another folder or "
-                         "pass --overwrite")
+    check_output_folder(output, "--output", overwrite)
 
 
 def read_factors(path: Path, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -250,6 +248,9 @@ def read_factors(path: Path, rank: int) -> dict[str, tuple[torch.Tensor, torch.T
         if tensor.dim() != 2:
             raise AdapterError(f"{path}: tensor {key} has shape {list(tensor.shape)}: only the 2-D factors of "
                                "nn.Linear layers are supported")
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise AdapterError(f"{path}: tensor {key} has dtype {dtype}: LoRA factors must be floating point")
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{path}: tensor {key} contains NaN or inf values")
         module = key[len(PEFT_PREFIX):-len(suffix)]

@@ -4,7 +4,8 @@ The three kinds differ only in the training diagonal p of y = W0·x + B·diag(p)
 
 - ``matryoshka``: p = P built from the nested ranks S, every step;
 - ``lora``: S = {r_max}, so p = s(r_max) everywhere;
-- ``dylora``: each step samples one rank b from S and uses s(b) times a 0/1 mask of the first b columns.
+- ``dylora``: each micro-batch samples one rank b from S and uses s(b) times a 0/1 mask of the first b columns,
+  so with gradient accumulation one optimizer step mixes several sampled ranks.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .adapter import save_adapter, validate_tensors
+from .adapter import check_output_folder, save_adapter, validate_tensors
 from .base_model import load_base_model
-from .config import ADAPTER_KINDS, DEFAULT_TARGET_MODULES, MatryoshkaConfig
+from .config import ADAPTER_KINDS, DEFAULT_TARGET_MODULES, MatryoshkaConfig, format_choices
 from .data import IGNORE_INDEX, Example, TokenizedExample, collate, load_examples, tokenize_example
 from .model import MatryoshkaModel
 from .ranks import INFERENCE_RULES, SCALE_RULES, dylora_diagonal
@@ -31,7 +32,14 @@ from .ranks import INFERENCE_RULES, SCALE_RULES, dylora_diagonal
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_DTYPES = ("float32", "bfloat16")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 STATE_NAME = "trainer_state.pt"
+
+
+def option_flag(name: str) -> str:
+    """Return the command-line flag of a TrainConfig field: ``max_steps`` becomes ``--max-steps``."""
+    return "--" + name.replace("_", "-")
 
 
 def option(default, help: str, **kwargs):
@@ -51,7 +59,7 @@ class TrainConfig:
                              required=True)
     output_dir: str = option(None, "folder of the final adapter; checkpoints go to checkpoint-N inside it",
                              required=True)
-    adapter_kind: str = option("matryoshka", f"training diagonal: one of {ADAPTER_KINDS}")
+    adapter_kind: str = option("matryoshka", f"training diagonal: {format_choices(ADAPTER_KINDS)}")
     r_max: int = option(32, "rank of the A and B factors")
     ranks: list[int] = option(lambda: [1, 2, 4, 8, 16, 32, 64],
                               "nested ranks S, comma-separated; ranks above r_max are dropped (lora uses r_max)")
@@ -61,7 +69,7 @@ class TrainConfig:
     target_modules: list[str] = option(lambda: list(DEFAULT_TARGET_MODULES),
                                        "names of the linear layers to adapt, comma-separated")
     learning_rate: float = option(2e-4, "peak learning rate of AdamW")
-    lr_schedule: str = option("cosine", f"decay after warm-up: one of {SCHEDULES}")
+    lr_schedule: str = option("cosine", f"decay after warm-up: {format_choices(SCHEDULES)}")
     warmup_steps: int = option(10, "optimizer steps of linear warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
@@ -80,38 +88,51 @@ class TrainConfig:
     save_every: int = option(0, "optimizer steps between checkpoints; 0 writes only the final adapter")
     save_dtype: str = option("float32", "dtype of the final adapter file: float32, bfloat16 or float16")
     resume: str | None = option(None, "checkpoint-N folder to continue from, with the same options")
+    overwrite: bool = option(False, "replace an adapter already in --output-dir")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.adapter_kind in ADAPTER_KINDS, "adapter_kind", self.adapter_kind, f"one of {ADAPTER_KINDS}"),
-            (self.scale_rule in SCALE_RULES, "scale_rule", self.scale_rule, f"one of {SCALE_RULES}"),
-            (self.inference_rule in INFERENCE_RULES, "inference_rule", self.inference_rule,
-             f"one of {INFERENCE_RULES}"),
-            (self.lr_schedule in SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {SCHEDULES}"),
-            (self.r_max >= 1, "r_max", self.r_max, "an integer >= 1"),
-            (self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0"),
-            (self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1"),
-            (self.gradient_accumulation >= 1, "gradient_accumulation", self.gradient_accumulation, "an integer >= 1"),
-            (self.max_length >= 2, "max_length", self.max_length, "an integer >= 2"),
-            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0"),
-            (self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0"),
-            (self.log_every >= 1, "log_every", self.log_every, "an integer >= 1"),
-            (self.save_every >= 0, "save_every", self.save_every, "an integer >= 0"),
-            (self.train_limit is None or self.train_limit >= 1, "train_limit", self.train_limit, "an integer >= 1"),
-            ((self.max_steps is None) != (self.epochs is None), "max_steps/epochs",
-             (self.max_steps, self.epochs), "exactly one of the two"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1"),
-            (self.epochs is None or self.epochs > 0, "epochs", self.epochs, "a number > 0"),
-            (self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "float32 or bfloat16"),
-            (self.save_dtype in ("float32", "bfloat16", "float16"), "save_dtype", self.save_dtype,
-             "float32, bfloat16 or float16"),
+        choices = [
+            ("adapter_kind", ADAPTER_KINDS),
+            ("scale_rule", SCALE_RULES),
+            ("inference_rule", INFERENCE_RULES),
+            ("lr_schedule", SCHEDULES),
+            ("dtype", TRAIN_DTYPES),
+            ("save_dtype", SAVE_DTYPES),
         ]
-        for ok, name, value, allowed in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}={value!r}: must be {allowed}")
+        for name, allowed in choices:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{option_flag(name)} {value!r} is invalid: choose {format_choices(allowed)}")
+
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("missing run length: give --max-steps or --epochs (exactly one)")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"--max-steps {self.max_steps} and --epochs {self.epochs} are both given: "
+                             "give exactly one of them")
+
+        # Each check: whether the value is valid, the field, and the rule it breaks otherwise.
+        bounds = [
+            (self.r_max >= 1, "r_max", "an integer >= 1"),
+            (self.learning_rate > 0, "learning_rate", "a number > 0"),
+            (self.weight_decay >= 0, "weight_decay", "a number >= 0"),
+            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+            (self.gradient_accumulation >= 1, "gradient_accumulation", "an integer >= 1"),
+            (self.max_length >= 2, "max_length", "an integer >= 2"),
+            (self.warmup_steps >= 0, "warmup_steps", "an integer >= 0"),
+            (self.max_grad_norm > 0, "max_grad_norm", "a number > 0"),
+            (self.log_every >= 1, "log_every", "an integer >= 1"),
+            (self.save_every >= 0, "save_every", "an integer >= 0"),
+            (self.train_limit is None or self.train_limit >= 1, "train_limit", "an integer >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1"),
+            (self.epochs is None or self.epochs > 0, "epochs", "a number > 0"),
+        ]
+        for valid, name, rule in bounds:
+            if not valid:
+                raise ValueError(f"{option_flag(name)} {getattr(self, name)} is invalid: it must be {rule}")
         if not any(r <= self.r_max for r in self.ranks):
-            raise ValueError(f"invalid ranks={self.ranks}: at least one rank must be <= r_max={self.r_max}")
+            ranks = ",".join(map(str, self.ranks))
+            raise ValueError(f"--ranks {ranks} is invalid: at least one rank must be <= --r-max {self.r_max}")
 
     def trained_ranks(self) -> list[int]:
         if self.adapter_kind == "lora":
@@ -123,7 +144,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("invalid device='cuda': no CUDA device is available")
+        raise ValueError("--device cuda is invalid: no CUDA device is available; use --device cpu or auto")
     return name
 
 
@@ -180,6 +201,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        # --resume allows an existing adapter: a resumed run usually writes into the folder of the run it continues.
+        check_output_folder(config.output_dir, "--output-dir", overwrite=config.overwrite or bool(config.resume))
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
 
@@ -294,7 +317,7 @@ class Trainer:
 
     def summary(self) -> dict:
         options = asdict(self.config)
-        for key in ("resume", "progress", "output_dir"):
+        for key in ("resume", "progress", "output_dir", "overwrite"):
             options.pop(key)
         return {**options, "steps": self.step, "examples": len(self.examples)}
 

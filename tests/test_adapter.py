@@ -69,10 +69,57 @@ def test_missing_tensor(tiny_base, tiny_adapter_dir, tmp_path):
 def test_extra_tensor(tiny_base, tiny_adapter_dir, tmp_path):
     folder = copy_adapter(tiny_adapter_dir, tmp_path)
     tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.lora_A.weight"] = torch.zeros(16, 64)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="unexpected tensor base_model.model.model.embed_tokens.lora_A.weight: "
+                                           "it matches no adapted linear layer of the base model"):
+        load_adapter(tiny_base, folder)
+
+
+def test_tensor_of_untargeted_linear_layer(tiny_base, tiny_adapter_dir, tmp_path):
+    # lm_head is an nn.Linear of the base model, but target_modules does not list it.
+    folder = copy_adapter(tiny_adapter_dir, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
     tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(16, 64)
     save_file(tensors, folder / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match="unexpected tensor base_model.model.lm_head.lora_A.weight"):
+    message = (r"adapter_model.safetensors: unexpected tensor base_model.model.lm_head.lora_A.weight: module lm_head "
+               r"is not in target_modules \[.*\] of .*adapter_config.json; add it there or remove its tensors")
+    with pytest.raises(AdapterError, match=message):
         load_adapter(tiny_base, folder)
+
+
+def test_config_lists_fewer_modules_than_file(tiny_base, tiny_adapter_dir, tmp_path):
+    folder = copy_adapter(tiny_adapter_dir, tmp_path)
+    edit_config(folder, lambda d: d.update(target_modules=["q_proj"]))
+    with pytest.raises(AdapterError) as raised:
+        load_adapter(tiny_base, folder)
+
+    message = str(raised.value)
+    assert "modules down_proj, gate_proj, k_proj, o_proj, up_proj, v_proj are not in target_modules" in message
+    assert 'target_modules ["q_proj"] of ' in message
+    assert "adapter_config.json; add them there or remove their tensors" in message
+    assert "no adapted linear layer" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_non_floating_tensor(tiny_base, tiny_adapter_dir, tmp_path, dtype):
+    folder = copy_adapter(tiny_adapter_dir, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors[Q_A] = torch.zeros(16, 64, dtype=dtype)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(AdapterError, match=f"adapter_model.safetensors: tensor {Q_A} has dtype {name}: "
+                                           "adapter tensors must be floating point"):
+        load_adapter(tiny_base, folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_floating_tensor_dtypes_load(tiny_base, tiny_adapter_dir, tmp_path, dtype):
+    folder = copy_adapter(tiny_adapter_dir, tmp_path)
+    tensors = {key: tensor.to(dtype) for key, tensor in load_file(folder / "adapter_model.safetensors").items()}
+    save_file(tensors, folder / "adapter_model.safetensors")
+    model = load_adapter(tiny_base, folder)
+    assert model.config.r_max == 16
 
 
 def test_shape_mismatch(tiny_base, tiny_adapter_dir, tmp_path):

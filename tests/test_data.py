@@ -84,6 +84,39 @@ def test_load_limit(tmp_path):
     assert len(load_examples(path, PROMPT_FORMAT, limit=2)) == 2
 
 
+@pytest.mark.parametrize("limit", [0, -1])
+def test_load_limit_below_one(tmp_path, limit):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] * 3)
+    with pytest.raises(ValueError, match=f"invalid limit {limit}: it must be an integer >= 1"):
+        load_examples(path, PROMPT_FORMAT, limit=limit)
+
+
+def test_load_limit_above_file_length(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] * 3)
+    assert len(load_examples(path, PROMPT_FORMAT, limit=10)) == 3
+
+
+def test_complete_pair_ignores_other_pair_key(tmp_path):
+    # A prompt/completion line with a stray "question" key: only prompt/completion is complete, so it is used.
+    line = {"prompt": "Say hi: ", "completion": "hi", "question": "unused"}
+    examples = load_examples(write_lines(tmp_path / "data.jsonl", [line]), PROMPT_FORMAT)
+    assert examples == [Example(prompt="Say hi: ", completion="hi", reference=None)]
+
+
+def test_stray_answer_key_is_ignored(tmp_path):
+    line = {"prompt": "Say hi: ", "completion": "hi", "answer": "#### 3"}
+    examples = load_examples(write_lines(tmp_path / "data.jsonl", [line]), PROMPT_FORMAT)
+    assert examples[0].completion == "hi"
+    assert examples[0].reference is None
+
+
+def test_question_answer_wins_when_both_complete(tmp_path):
+    line = {**GOOD, "prompt": "Say hi: ", "completion": "hi"}
+    examples = load_examples(write_lines(tmp_path / "data.jsonl", [line]), PROMPT_FORMAT)
+    assert examples[0].prompt == f"Question: {GOOD['question']}\nAnswer: "
+    assert examples[0].completion == GOOD["answer"]
+
+
 def test_load_accepts_byte_order_mark(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
@@ -101,6 +134,9 @@ def test_load_accepts_byte_order_mark(tmp_path):
     ({"question": "  ", "answer": "#### 7"}, "key 'question' is empty"),
     ({"prompt": "Say: ", "completion": ""}, "key 'completion' is empty"),
     ({"input": "a", "output": "b"}, r"expected keys question/answer or prompt/completion, got \['input', 'output'\]"),
+    ({"question": "How many?", "completion": "7"},
+     "missing key 'answer' or key 'prompt': a line needs both keys of question/answer or of prompt/completion"),
+    ({"answer": "#### 7", "prompt": "Say: "}, "missing key 'question' or key 'completion'"),
 ])
 def test_format_errors_name_file_and_line(tmp_path, bad_line, message):
     # The blank line counts: the bad line is line 4 of the file.

@@ -1,6 +1,8 @@
 """Per-rank evaluation: AURAC against hand-computed values, answer-token loss, generation and `matlora eval`."""
 
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ from matlora_core import read_config
 from matlora_core.cli import main
 from matlora_core.data import Example, collate, tokenize_example
 from matlora_core.evaluate import CurveResult, RankResult, answer_loss, aurac, evaluate_curve, greedy_accuracy
+from matlora_core.report import draw_curves, format_table
 
 EXAMPLES = [
     Example("Question: Tom has 3 apples and buys 4 more. How many?\nAnswer: ", "3 + 4 = 7\n#### 7", "7"),
@@ -146,7 +149,7 @@ def test_cli_eval_writes_outputs_and_profile(tiny_model_dir, tiny_adapter_dir, e
     assert code == 0
 
     table = capsys.readouterr().out
-    assert "adapter                          rule          rank     loss  accuracy" in table
+    assert table.splitlines()[0].split() == ["adapter", "rule", "rank", "loss", "accuracy"]
     rows = [line.split() for line in table.splitlines()]
     rank_rows = [(row[1], int(row[2])) for row in rows if len(row) == 5 and row[2].isdigit()]
     assert rank_rows == [(rule, rank) for rule in ("paper", "partial_sum") for rank in (0, 4, 16)]
@@ -174,16 +177,18 @@ def test_cli_eval_invalid_rank(tiny_model_dir, tiny_adapter_dir, eval_file, capl
     code = main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir), "--data", str(eval_file),
                  "--ranks", "0,32", "--metrics", "loss", "--device", "cpu"])
     assert code == 2
-    assert "invalid --ranks entry 32" in caplog.text
+    assert "--ranks entry 32 is invalid: " in caplog.text
+    assert "has r_max=16, so choose ranks in 0..16" in caplog.text
 
 
-def test_cli_eval_profile_needs_own_rule(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path, caplog):
+def test_cli_eval_profile_needs_own_rule(tiny_adapter_dir, eval_file, tmp_path, caplog):
+    # The model name does not exist: the rule check has to fail before any model loads.
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
-    code = main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(eval_file),
+    code = main(["eval", "--model", str(tmp_path / "no-model"), "--adapter", str(adapter), "--data", str(eval_file),
                  "--ranks", "4", "--metrics", "loss", "--rule", "partial_sum", "--device", "cpu", "--write-profile"])
     assert code == 2
-    assert "inference rule 'paper', which was not evaluated; add it to --rule" in caplog.text
+    assert "inference rule 'paper', which is not evaluated; add it to --rule" in caplog.text
 
 
 def test_cli_eval_uses_each_adapter_prompt_format(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path):
@@ -203,3 +208,168 @@ def test_cli_eval_uses_each_adapter_prompt_format(tiny_model_dir, tiny_adapter_d
 
     curves = json.loads((tmp_path / "results.json").read_text())["curves"]
     assert curves[0]["ranks"][0]["answer_loss"] != curves[1]["ranks"][0]["answer_loss"]
+
+
+def eval_args(model_dir, adapter, eval_file, *extra):
+    return ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data", str(eval_file),
+            "--device", "cpu", "--max-new-tokens", "2", *extra]
+
+
+def test_cli_eval_profile_is_replaced(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    assert main(eval_args(tiny_model_dir, adapter, eval_file, "--ranks", "0,4,16", "--write-profile")) == 0
+    assert read_config(adapter).quality_metric == "accuracy"
+
+    # A later loss-only run on fewer examples and ranks: nothing of the first run may remain.
+    assert main(eval_args(tiny_model_dir, adapter, eval_file, "--ranks", "4", "--metrics", "loss", "--limit", "2",
+                          "--write-profile")) == 0
+
+    config = read_config(adapter)
+    assert list(config.profile) == [4]
+    assert list(config.profile[4]) == ["answer_loss"]
+    assert config.quality_metric == "answer_loss"
+    assert config.training["evaluation"]["examples"] == 2
+    assert config.training["evaluation"]["metrics"] == ["answer_loss"]
+    assert config.training["evaluation"]["inference_rule"] == "paper"
+
+
+def test_cli_eval_profile_accuracy_only(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    assert main(eval_args(tiny_model_dir, adapter, eval_file, "--ranks", "4", "--metrics", "accuracy",
+                          "--write-profile")) == 0
+    config = read_config(adapter)
+    assert list(config.profile[4]) == ["accuracy"]
+    assert config.quality_metric == "accuracy"
+
+
+def test_cli_eval_profile_chosen_quality_metric(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    assert main(eval_args(tiny_model_dir, adapter, eval_file, "--ranks", "4", "--write-profile",
+                          "--quality-metric", "answer_loss")) == 0
+    config = read_config(adapter)
+    assert sorted(config.profile[4]) == ["accuracy", "answer_loss"]
+    assert config.quality_metric == "answer_loss"
+
+
+def test_cli_eval_records_real_example_count(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    assert main(eval_args(tiny_model_dir, adapter, eval_file, "--ranks", "4", "--metrics", "loss", "--limit", "10",
+                          "--write-profile", "--output", str(tmp_path / "results.json"))) == 0
+    assert read_config(adapter).training["evaluation"]["examples"] == 3
+    assert json.loads((tmp_path / "results.json").read_text())["examples"] == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metrics", "loss", "--quality-metric", "accuracy", "--write-profile"],
+     "--quality-metric accuracy is not measured by --metrics loss: add accuracy to --metrics"),
+    (["--metrics", "accuracy", "--quality-metric", "answer_loss", "--write-profile"],
+     "--quality-metric answer_loss is not measured by --metrics accuracy: add loss to --metrics"),
+    (["--quality-metric", "bleu", "--write-profile"],
+     "--quality-metric 'bleu' is invalid: choose answer_loss or accuracy"),
+    (["--quality-metric", "accuracy"], "--quality-metric chooses the quality figure of the profile, so it needs "
+                                       "--write-profile"),
+    (["--metrics", "perplexity"], "--metrics entry 'perplexity' is invalid: choose loss, answer_loss or accuracy"),
+    (["--metrics", ","], "--metrics is empty: give loss, accuracy or both"),
+    (["--rule", "mean"], "--rule entry 'mean' is invalid: choose paper or partial_sum"),
+    (["--dtype", "float16"], "--dtype float16 needs a CUDA device, but the device is cpu: use float32 or bfloat16"),
+])
+def test_cli_eval_rejects_before_model_loads(tiny_adapter_dir, eval_file, tmp_path, caplog, extra, message):
+    # The model folder does not exist, so a check that ran after loading would report the model instead.
+    code = main(eval_args(tmp_path / "no-model", tiny_adapter_dir, eval_file, *extra))
+    assert code == 2
+    assert message in caplog.text
+    assert "no-model" not in caplog.text
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--limit", "0", "invalid value 0: expected an integer >= 1"),
+    ("--limit", "-3", "invalid value -3: expected an integer >= 1"),
+    ("--batch-size", "0", "invalid value 0: expected an integer >= 1"),
+    ("--max-new-tokens", "0", "invalid value 0: expected an integer >= 1"),
+    ("--max-new-tokens", "many", "invalid value 'many': expected an integer >= 1"),
+    ("--dtype", "int8", "invalid choice: 'int8'"),
+])
+def test_cli_eval_invalid_numbers(tiny_adapter_dir, eval_file, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as raised:
+        main(eval_args(tmp_path / "no-model", tiny_adapter_dir, eval_file, option, value))
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}: {message}" in error
+    assert "Traceback" not in error
+
+
+def test_eval_help_lists_dtypes(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "float32, bfloat16 or float16; float16 needs a CUDA device" in help_text
+    assert "loss (also accepted as answer_loss), accuracy or both" in help_text
+
+
+def test_cli_eval_metric_named_answer_loss(tiny_model_dir, tiny_adapter_dir, eval_file, tmp_path):
+    assert main(eval_args(tiny_model_dir, tiny_adapter_dir, eval_file, "--ranks", "4", "--metrics", "answer_loss",
+                          "--output", str(tmp_path / "results.json"))) == 0
+    result = json.loads((tmp_path / "results.json").read_text())["curves"][0]["ranks"][0]
+    assert result["answer_loss"] is not None
+    assert result["accuracy"] is None
+
+
+def test_cli_eval_log_names_rule(tiny_model_dir, tiny_adapter_dir, eval_file, caplog):
+    with caplog.at_level(logging.INFO, logger="matlora_core.evaluate"):
+        assert main(eval_args(tiny_model_dir, tiny_adapter_dir, eval_file, "--ranks", "4", "--metrics", "loss",
+                              "--rule", "paper,partial_sum", "--label", "tiny")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "matlora_core.evaluate"]
+    assert [line.split(":")[0] for line in lines] == ["tiny, rule paper, rank 4", "tiny, rule partial_sum, rank 4"]
+
+
+# --- report --------------------------------------------------------------------------------------------
+
+
+def column_ends(line: str) -> list[int]:
+    return [match.end() for match in re.finditer(r"\S+", line)]
+
+
+def test_table_columns_line_up():
+    curves = [
+        CurveResult(label="a-label-longer-than-thirty-two-characters", adapter="a", inference_rule="partial_sum",
+                    ranks=[RankResult(rank=0, answer_loss=3.25), RankResult(rank=4, answer_loss=2.5, accuracy=0.5),
+                           RankResult(rank=16, answer_loss=12.125, accuracy=1.0)]),
+        CurveResult(label="b", adapter="b", inference_rule="paper",
+                    ranks=[RankResult(rank=4, answer_loss=2.0, accuracy=0.25)]),
+    ]
+    ranks_part, aurac_part = format_table(curves).split("\n\n")
+
+    # Numbers are right-aligned, so each value ends where its header ends.
+    header, *rows = ranks_part.splitlines()
+    for row in rows:
+        assert column_ends(row)[2:] == column_ends(header)[2:], row
+        assert row.index(row.split()[1]) == header.index("rule"), row
+    header, *rows = aurac_part.splitlines()
+    assert header.split()[:3] == ["adapter", "rule", "metric"]
+    assert len(rows) == 4
+    for row in rows:
+        values = column_ends(row)
+        assert values[-2:] == [header.index("linear") + len("linear"), len(header)], row
+        assert row.index(row.split()[2]) == header.index("metric"), row
+
+
+def test_accuracy_axis_spans_zero_to_one():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    curve = CurveResult(label="a", adapter="a", inference_rule="paper", ranks=[
+        RankResult(rank=r, answer_loss=2.0, accuracy=0.0) for r in (0, 1, 2, 4)])
+    figure = draw_curves([curve])
+    loss_axis, accuracy_axis = figure.axes
+    figure.canvas.draw()
+
+    assert accuracy_axis.get_ylim() == pytest.approx((-0.02, 1.02))
+    low, high = loss_axis.get_ylim()
+    assert low <= 2.0 - 0.05
+    assert high >= 2.0 + 0.05
+    assert loss_axis.yaxis.get_offset_text().get_text() == ""
+    plt.close(figure)

@@ -1,5 +1,6 @@
 """PEFT export and import: PEFT's own forward against ours, round trips, and every unsupported config."""
 
+import errno
 import json
 import logging
 import shutil
@@ -270,6 +271,8 @@ def test_import_rank_mismatch(peft_dir, tmp_path):
     (lambda t: t.update({Q_A: torch.zeros(8, 64, 1, 1)}),
      rf"tensor {Q_A} has shape \[8, 64, 1, 1\]: only the 2-D factors"),
     (lambda t: t.update({Q_A: torch.full((8, 64), float("nan"))}), f"tensor {Q_A} contains NaN or inf"),
+    (lambda t: t.update({Q_A: torch.zeros(8, 64, dtype=torch.int32)}),
+     f"tensor {Q_A} has dtype int32: LoRA factors must be floating point"),
 ])
 def test_import_rejects_tensors(peft_dir, tmp_path, change, message):
     folder = copy_peft(peft_dir, tmp_path)
@@ -332,3 +335,45 @@ def test_cli_import_wrong_model(peft_dir, tiny_model_dir, tmp_path, caplog):
     assert code == 2
     assert "was written but does not load on" in caplog.text
     assert r"has shape [8, 65], the base model needs [8, 64]" in caplog.text
+
+
+def test_cli_export_to_existing_file(tiny_adapter_dir, tmp_path, caplog):
+    target = tmp_path / "peft.txt"
+    target.write_text("not a folder")
+    with caplog.at_level(logging.ERROR):
+        code = main(["export", "--adapter", str(tiny_adapter_dir), "--rank", "4", "--output", str(target)])
+    assert code == 2
+    assert f"--output {target} is an existing file: give a folder path" in caplog.text
+    assert target.read_text() == "not a folder"
+
+
+def test_cli_import_below_existing_file(peft_dir, tmp_path, caplog):
+    blocker = tmp_path / "adapters"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.ERROR):
+        code = main(["import", "--peft", str(peft_dir), "--output", str(blocker / "imported")])
+    assert code == 2
+    assert f"--output {blocker / 'imported'} is inside {blocker}, which is a file: give a folder path" in caplog.text
+
+
+def test_cli_import_keeps_existing_output(peft_dir, tmp_path, caplog):
+    assert main(["import", "--peft", str(peft_dir), "--output", str(tmp_path / "imported")]) == 0
+    with caplog.at_level(logging.ERROR):
+        code = main(["import", "--peft", str(peft_dir), "--output", str(tmp_path / "imported")])
+    assert code == 2
+    assert "already contains adapter_config.json: choose another folder or pass --overwrite" in caplog.text
+    assert main(["import", "--peft", str(peft_dir), "--output", str(tmp_path / "imported"), "--overwrite"]) == 0
+
+
+def test_cli_os_error_is_a_message(tiny_adapter_dir, tmp_path, caplog, monkeypatch):
+    # An OSError that no check catches first, here a folder without write permission, becomes a one-line message.
+    target = tmp_path / "peft"
+
+    def write_denied(output_dir, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(output_dir))
+
+    monkeypatch.setattr("matlora_core.peft_io.write_plain_adapter", write_denied)
+    with caplog.at_level(logging.ERROR):
+        code = main(["export", "--adapter", str(tiny_adapter_dir), "--rank", "4", "--output", str(target)])
+    assert code == 2
+    assert f"{target}: Permission denied" in caplog.text

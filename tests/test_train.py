@@ -1,6 +1,7 @@
 """Training on the tiny model: training diagonals, loss, determinism, resume and option checks."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from matlora_core import read_config
-from matlora_core.cli import main
+from matlora_core.cli import build_parser, main
 from matlora_core.data import collate
 from matlora_core.ranks import nested_diagonal, rank_scale
 from matlora_core.train import TrainConfig, Trainer, train
@@ -180,26 +181,39 @@ def test_every_prompt_filling_max_length(tiny_model_dir, train_file, tmp_path):
         Trainer(make_config(tiny_model_dir, train_file, tmp_path / "out", max_length=8))
 
 
-@pytest.mark.parametrize("option, value, allowed", [
-    ("adapter_kind", "full", "one of"),
-    ("lr_schedule", "step", "one of"),
-    ("r_max", 0, "an integer >= 1"),
-    ("max_steps", 0, "an integer >= 1"),
-    ("log_every", 0, "an integer >= 1"),
-    ("warmup_steps", -1, "an integer >= 0"),
-    ("save_every", -2, "an integer >= 0"),
-    ("train_limit", 0, "an integer >= 1"),
-    ("max_grad_norm", 0.0, "a number > 0"),
-    ("dtype", "float16", "float32 or bfloat16"),
+@pytest.mark.parametrize("option, value, message", [
+    ("adapter_kind", "full", "--adapter-kind 'full' is invalid: choose matryoshka, lora or dylora"),
+    ("scale_rule", "cube", "--scale-rule 'cube' is invalid: choose none, rank or sqrt"),
+    ("inference_rule", "mean", "--inference-rule 'mean' is invalid: choose paper or partial_sum"),
+    ("lr_schedule", "step", "--lr-schedule 'step' is invalid: choose constant, linear or cosine"),
+    ("dtype", "float16", "--dtype 'float16' is invalid: choose float32 or bfloat16"),
+    ("save_dtype", "int8", "--save-dtype 'int8' is invalid: choose float32, bfloat16 or float16"),
+    ("r_max", 0, "--r-max 0 is invalid: it must be an integer >= 1"),
+    ("max_steps", 0, "--max-steps 0 is invalid: it must be an integer >= 1"),
+    ("log_every", 0, "--log-every 0 is invalid: it must be an integer >= 1"),
+    ("warmup_steps", -1, "--warmup-steps -1 is invalid: it must be an integer >= 0"),
+    ("save_every", -2, "--save-every -2 is invalid: it must be an integer >= 0"),
+    ("train_limit", 0, "--train-limit 0 is invalid: it must be an integer >= 1"),
+    ("max_grad_norm", 0.0, "--max-grad-norm 0.0 is invalid: it must be a number > 0"),
+    ("weight_decay", -0.1, "--weight-decay -0.1 is invalid: it must be a number >= 0"),
+    ("ranks", [64, 128], "--ranks 64,128 is invalid: at least one rank must be <= --r-max 8"),
 ])
-def test_invalid_options(tiny_model_dir, train_file, tmp_path, option, value, allowed):
-    with pytest.raises(ValueError, match=f"invalid {option}={value!r}: must be {allowed}"):
+def test_invalid_options(tiny_model_dir, train_file, tmp_path, option, value, message):
+    with pytest.raises(ValueError) as raised:
         make_config(tiny_model_dir, train_file, tmp_path / "out", **{option: value})
+    assert str(raised.value) == message
 
 
-def test_max_steps_and_epochs_exclusive(tiny_model_dir, train_file, tmp_path):
-    with pytest.raises(ValueError, match="invalid max_steps/epochs=.*exactly one of the two"):
+def test_max_steps_and_epochs_both_given(tiny_model_dir, train_file, tmp_path):
+    with pytest.raises(ValueError) as raised:
         make_config(tiny_model_dir, train_file, tmp_path / "out", epochs=1.0)
+    assert str(raised.value) == "--max-steps 4 and --epochs 1.0 are both given: give exactly one of them"
+
+
+def test_max_steps_and_epochs_both_missing(tiny_model_dir, train_file, tmp_path):
+    with pytest.raises(ValueError) as raised:
+        make_config(tiny_model_dir, train_file, tmp_path / "out", max_steps=None)
+    assert str(raised.value) == "missing run length: give --max-steps or --epochs (exactly one)"
 
 
 def test_epochs_set_step_count(tiny_model_dir, train_file, tmp_path):
@@ -217,3 +231,92 @@ def test_cli_train(tiny_model_dir, train_file, tmp_path, capsys):
     config = read_config(tmp_path / "out")
     assert config.trained_ranks == [1, 2, 4]
     assert config.scale_rule == "rank"
+
+
+def cli_train(model_dir, train_file, output_dir, *extra):
+    return main(["train", "--model", str(model_dir), "--train-file", str(train_file), "--output-dir", str(output_dir),
+                 "--r-max", "4", "--ranks", "1,2,4", "--max-steps", "1", "--batch-size", "3", "--device", "cpu",
+                 "--no-progress", *extra])
+
+
+def test_cli_train_keeps_existing_adapter(tiny_model_dir, train_file, tmp_path, caplog):
+    output = tmp_path / "out"
+    assert cli_train(tiny_model_dir, train_file, output, "--seed", "1") == 0
+    before = adapter_tensors(output)
+
+    with caplog.at_level(logging.ERROR):
+        code = cli_train(tiny_model_dir, train_file, output, "--seed", "2")
+    assert code == 2
+    assert f"--output-dir {output} already contains adapter_config.json: choose another folder or pass " \
+           "--overwrite to replace the adapter" in caplog.text
+    assert_same_tensors(adapter_tensors(output), before)
+
+
+def test_cli_train_overwrite_replaces_adapter(tiny_model_dir, train_file, tmp_path):
+    output = tmp_path / "out"
+    assert cli_train(tiny_model_dir, train_file, output, "--seed", "1") == 0
+    before = adapter_tensors(output)
+
+    assert cli_train(tiny_model_dir, train_file, output, "--seed", "2", "--overwrite") == 0
+    key = next(iter(before))
+    assert not torch.equal(adapter_tensors(output)[key], before[key])
+    assert "overwrite" not in read_config(output).training
+
+
+def test_existing_adapter_checked_before_model_loads(train_file, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="already contains adapter_model.safetensors"):
+        Trainer(make_config(tmp_path / "no-such-model", train_file, output))
+
+
+def test_resume_into_finished_run_folder(tiny_model_dir, train_file, tmp_path):
+    # --resume continues a run in its own folder, so an adapter already there is replaced without --overwrite.
+    full = train(make_config(tiny_model_dir, train_file, tmp_path / "full", save_every=2))
+    resumed = train(make_config(tiny_model_dir, train_file, full, resume=str(full / "checkpoint-2")))
+    assert read_config(resumed).training["steps"] == 4
+
+
+def test_cli_train_output_dir_is_file(tiny_model_dir, train_file, tmp_path, caplog):
+    target = tmp_path / "out.txt"
+    target.write_text("notes")
+    with caplog.at_level(logging.ERROR):
+        code = cli_train(tiny_model_dir, train_file, target)
+    assert code == 2
+    assert f"--output-dir {target} is an existing file: give a folder path" in caplog.text
+    assert target.read_text() == "notes"
+
+
+def test_cli_train_invalid_choice_message(tiny_model_dir, train_file, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        code = cli_train(tiny_model_dir, train_file, tmp_path / "out", "--adapter-kind", "x")
+    assert code == 2
+    assert "--adapter-kind 'x' is invalid: choose matryoshka, lora or dylora" in caplog.text
+    assert "(" not in caplog.records[-1].getMessage()
+
+
+def test_train_help_lists_choices_plainly(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines at the terminal width
+    assert "training diagonal: matryoshka, lora or dylora" in help_text
+    assert "decay after warm-up: constant, linear or cosine" in help_text
+    assert "('" not in help_text
+
+
+@pytest.mark.parametrize("level", ["verbose", "trace", "5"])
+def test_invalid_log_level(tmp_path, capsys, level):
+    with pytest.raises(SystemExit) as raised:
+        main(["--log-level", level, "train", "--model", "m", "--train-file", "f", "--output-dir", str(tmp_path)])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument --log-level: invalid log level {level!r}: choose DEBUG, INFO, WARNING or ERROR" in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning", "ERROR"])
+def test_log_level_any_case(level):
+    args = build_parser().parse_args(["--log-level", level, "export", "--adapter", "a", "--rank", "1",
+                                      "--output", "o"])
+    assert args.log_level == level.upper()
