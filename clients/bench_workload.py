@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def prompt_of(line: str, prompt_format: str, where: str) -> str:
             return prompt_format.format(question=record["question"])
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise ValueError(f"{where}: expected an object with a non-empty string 'prompt' or 'question', got {keys}")
+
+
+def check_prompt_format(prompt_format: str) -> None:
+    """Raise ValueError unless ``prompt_format`` is a format string whose one placeholder is {question}."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(prompt_format) if field is not None]
+    except ValueError as error:
+        raise ValueError(f"--prompt-format {prompt_format!r}: {error}; write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted({"{" + field + "}" for field in fields if field != "question"})
+    if unknown:
+        raise ValueError(f"--prompt-format {prompt_format!r}: unknown placeholder(s) {', '.join(unknown)}; the only "
+                         "placeholder is {question}, and a literal brace is written {{ or }}")
+    if not fields:
+        raise ValueError(f"--prompt-format {prompt_format!r} has no {{question}} placeholder, so every prompt "
+                         "would be the same")
+    try:
+        prompt_format.format(question="?")
+    except ValueError as error:     # a format spec that does not apply to text, as in {question:d}
+        raise ValueError(f"--prompt-format {prompt_format!r}: {error}") from None
 
 
 def builtin_prompts(prompt_format: str = DEFAULT_PROMPT_FORMAT) -> list[str]:

@@ -1,8 +1,10 @@
 """``matlora-client``: generate, chat, list ranks and check health from the command line.
 
 Output is plain text unless ``--json`` is given. In plain mode the generated text goes to stdout and a line
-about rank, tokens and timings to stderr, so the text can be piped. Exit status: 0 on success, 1 when the
-request fails (the server's message is printed) or /health reports anything but ok, 2 for invalid arguments.
+about rank and tokens to stderr, so the text can be piped. For ``generate`` that line has the server's timings
+too; chat responses, in OpenAI's format, carry none. ``--json`` prints the fields the server sent, nulls
+included. Exit status: 0 on success, 1 when the request fails (the server's message is printed) or /health
+reports anything but ok, 2 for invalid arguments.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .arguments import server_url, timeout_seconds
 from .base import DEFAULT_TIMEOUT_S, DEFAULT_URL
 from .client import MatloraClient
 from .errors import MatloraAPIError, MatloraError
@@ -35,10 +38,11 @@ def global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """
     url = os.environ.get("MATLORA_URL", DEFAULT_URL)
     options = (
-        ("--url", {"default": url}, f"server base URL (default: $MATLORA_URL or {DEFAULT_URL})"),
+        # argparse also passes a default given as text through `type`, so a malformed $MATLORA_URL exits 2 too.
+        ("--url", {"type": server_url, "default": url}, f"server base URL (default: $MATLORA_URL or {DEFAULT_URL})"),
         ("--api-key", {"default": os.environ.get("MATLORA_API_KEY")}, "bearer token (default: $MATLORA_API_KEY)"),
-        ("--timeout", {"type": float, "default": DEFAULT_TIMEOUT_S},
-         f"seconds to wait for the connection and for each read (default: {DEFAULT_TIMEOUT_S:g})"),
+        ("--timeout", {"type": timeout_seconds, "default": DEFAULT_TIMEOUT_S},
+         f"seconds above 0 to wait for the connection and for each read (default: {DEFAULT_TIMEOUT_S:g})"),
         ("--max-retries", {"type": int, "default": 3}, "retries after HTTP 429 or a connection error (default: 3)"),
         ("--json", {"action": "store_true", "default": False}, "print JSON (one object per line when streaming)"),
     )
@@ -97,7 +101,8 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_json(value: BaseModel | dict) -> None:
-    text = value.model_dump_json(exclude_none=True) if isinstance(value, BaseModel) else json.dumps(value)
+    """Print a response with the fields the server sent, nulls included, and none that it left out."""
+    text = value.model_dump_json(exclude_unset=True) if isinstance(value, BaseModel) else json.dumps(value)
     print(text, flush=True)
 
 

@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
+import os
 import signal
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
-from matlora_core.adapter import AdapterError
+from matlora_core.adapter import AdapterError, read_config
 from matlora_core.base_model import ModelLoadError
 
 from .app import create_app
 from .config import ServerSettings
+from .options import build_parser, setting_names, settings_error_lines, unknown_environment_variables
 
 logger = logging.getLogger("matlora_server")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="matlora-server", description="Serve one Matryoshka LoRA adapter at a "
-                                     "rank chosen per request. Every option can also be set as MATLORA_<NAME>.")
-    for name, field in ServerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        annotation = str(field.annotation)
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)
-        elif annotation.startswith("list"):
-            parser.add_argument(flag, dest=name, default=None, help=f"{field.description} (comma-separated)",
-                                type=lambda text: [part.strip() for part in text.split(",") if part.strip()])
-        else:
-            parser.add_argument(flag, dest=name, default=None, help=f"{field.description} (default: {field.default})")
-    return parser
+# Exit status of invalid settings, as argparse uses for invalid options.
+INVALID_SETTINGS = 2
 
 
 class GracefulServer(uvicorn.Server):
@@ -63,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: value for name, value in vars(args).items() if value is not None}
     try:
         settings = ServerSettings(**overrides)
-    except ValueError as error:
-        print(f"matlora-server: invalid settings: {error}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValidationError as error:
+        return report_invalid_settings(settings_error_lines(error))
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in unknown_environment_variables(os.environ):
+        logger.warning("%s", warning)
+
+    status = check_before_loading(settings)
+    if status is not None:
+        return status
     try:
         app = create_app(settings)
     except (AdapterError, ModelLoadError, ValueError, OSError) as error:
@@ -77,6 +70,34 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s), access_log=False)
     GracefulServer(config, app).run()
     return 0
+
+
+def check_before_loading(settings: ServerSettings) -> int | None:
+    """Check the settings that depend on files before the model loads; return an exit status, or None if all pass.
+
+    The keys file and the default rank are settings problems (status 2). An adapter whose config cannot be read
+    fails as a load error would (status 1), only sooner.
+    """
+    try:
+        settings.load_api_keys()
+    except ValueError as error:
+        return report_invalid_settings([f"{setting_names('api_keys_file')}: {error}"])
+    try:
+        adapter_config = read_config(settings.adapter)
+    except AdapterError as error:
+        logger.error("cannot start: %s", error)
+        return 1
+    offered = adapter_config.offered_ranks
+    if settings.default_rank is not None and settings.default_rank not in offered:
+        return report_invalid_settings([f"{setting_names('default_rank')}: rank {settings.default_rank} is not "
+                                        f"offered by the adapter {settings.adapter}; allowed: {offered}"])
+    return None
+
+
+def report_invalid_settings(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"matlora-server: invalid setting: {problem}", file=sys.stderr)
+    return INVALID_SETTINGS
 
 
 if __name__ == "__main__":

@@ -42,13 +42,7 @@ class LoadedComponents:
 
 def load_components(settings: ServerSettings) -> LoadedComponents:
     """Load the base model and the adapter; any problem raises before anything starts."""
-    device = settings.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if settings.dtype == "float16" and not device.startswith("cuda"):
-        raise ValueError(f"dtype float16 needs a CUDA device, got device {device!r}: use float32 or bfloat16 on CPU")
-    loaded = load_base_model(settings.model, dtype=settings.dtype, device=device)
+    loaded = load_base_model(settings.model, dtype=settings.dtype, device=settings.resolved_device())
     model = load_adapter(loaded.model, settings.adapter, dtype=loaded.model.dtype)
     model.eval()
     return LoadedComponents(model=model, tokenizer=loaded.tokenizer, model_name=settings.served_model_name or

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "smollm2-135m-gsm8k-matryoshka"
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+BUNDLED_ADAPTER = Path("adapters") / "smollm2-135m-gsm8k-matryoshka"    # relative to SOURCE_TREE
+DEFAULT_ADAPTER = SOURCE_TREE / BUNDLED_ADAPTER
+CUDA_DEVICE_PATTERN = re.compile(r"cuda(?::(\d+))?")
 
 
 class ServerSettings(BaseSettings):
@@ -22,7 +26,7 @@ class ServerSettings(BaseSettings):
     model: str = Field("smollm2-135m-instruct", description="base model: built-in name, model folder or hub id")
     adapter: str = Field(str(DEFAULT_ADAPTER), description="Matryoshka adapter folder")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of model and KV cache")
-    device: str = Field("auto", description="auto, cpu or cuda")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: --model)")
 
     # network
@@ -67,7 +71,8 @@ class ServerSettings(BaseSettings):
     metrics_require_key: bool = Field(False, description="require an API key on /metrics too")
     cors_origins: Annotated[list[str], NoDecode] = Field([], description="origins allowed by CORS (empty: CORS off)")
 
-    log_level: str = Field("INFO", description="logging level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="logging level "
+                                                                                    "(case-insensitive)")
 
     @field_validator("profile_batch_sizes", "api_keys", "cors_origins", mode="before")
     @classmethod
@@ -83,27 +88,81 @@ class ServerSettings(BaseSettings):
                                  "strings") from None
         return [part.strip() for part in value.split(",") if part.strip()]
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def upper_case_level(cls, value):
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def check_device(cls, value: str) -> str:
+        device = value.strip().lower()
+        if device in ("auto", "cpu"):
+            return device
+        match = CUDA_DEVICE_PATTERN.fullmatch(device)
+        if match is None:
+            raise ValueError(f"unknown device {value!r}; allowed: auto, cpu, cuda or cuda:N (N: the GPU index)")
+        check_cuda_device(device, int(match.group(1) or 0))
+        return device
+
     @model_validator(mode="after")
     def check_limits(self) -> "ServerSettings":
         if self.max_prompt_tokens + 1 > self.max_model_len:
-            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} leaves no room for output within "
-                             f"max_model_len={self.max_model_len}")
+            raise ValueError(f"--max-prompt-tokens {self.max_prompt_tokens} must be below --max-model-len "
+                             f"{self.max_model_len}, so that at least one output token fits")
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds "
-                             f"max_tokens_limit={self.max_tokens_limit}")
+            raise ValueError(f"--default-max-tokens {self.default_max_tokens} exceeds --max-tokens-limit "
+                             f"{self.max_tokens_limit}")
         if self.max_model_len > self.max_cached_tokens:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds max_cached_tokens={self.max_cached_tokens}")
+            raise ValueError(f"--max-model-len {self.max_model_len} exceeds --max-cached-tokens "
+                             f"{self.max_cached_tokens}")
         for size in self.profile_batch_sizes:
             if size < 1:
-                raise ValueError(f"profile batch size {size} must be >= 1")
+                raise ValueError(f"--profile-batch-sizes: batch size {size} must be 1 or more")
+        if self.dtype == "float16" and not self.resolved_device().startswith("cuda"):
+            raise ValueError(f"--dtype float16 needs a CUDA device, got device {self.resolved_device()!r}: use "
+                             "float32 or bfloat16 on CPU")
         return self
 
+    def resolved_device(self) -> str:
+        """Return the torch device to load on: ``auto`` becomes cuda when CUDA is available, else cpu."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def load_api_keys(self) -> set[str]:
-        """Return the accepted bearer tokens from api_keys and api_keys_file."""
+        """Return the accepted bearer tokens from api_keys and api_keys_file.
+
+        Raises ValueError when api_keys_file is missing, unreadable or contains no key, because a server meant to
+        require keys would otherwise run without them.
+        """
         keys = {k for k in self.api_keys if k}
         if self.api_keys_file:
             path = Path(self.api_keys_file)
             if not path.is_file():
-                raise ValueError(f"api_keys_file {path}: file not found")
-            keys.update(line.strip() for line in path.read_text().splitlines() if line.strip())
+                raise ValueError(f"{path}: file not found")
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path}: cannot read the file: {error}") from None
+            file_keys = {line.strip() for line in lines if line.strip()}
+            if not file_keys:
+                raise ValueError(f"{path}: the file contains no key; write one key per line")
+            keys.update(file_keys)
         return keys
+
+
+def check_cuda_device(device: str, index: int) -> None:
+    """Raise ValueError unless CUDA is available and has a GPU with ``index``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise ValueError(f"device {device!r} needs CUDA, which is not available here (torch {torch.__version__}, "
+                         f"{build}): use cpu or auto")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}")

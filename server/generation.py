@@ -22,7 +22,7 @@ from .config import ServerSettings
 from .engine import (Engine, EngineStoppedError, FinishReason, QueueFullError, Request, RequestOutput,
                      SamplingParams)
 from .metrics import ServerMetrics
-from .rank_policy import RankError, RankPolicy
+from .rank_policy import NoLatencyProfileError, RankError, RankPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ class GenerationService:
                                               self.engine.running_max_rank())
         except RankError as error:
             raise APIError(422, f"rank: {error}", param="rank") from None
+        except NoLatencyProfileError as error:
+            raise APIError(422, f"latency_budget_ms: {error}", param="latency_budget_ms") from None
         return Request(
             request_id=http_request.state.request_id, prompt_token_ids=prompt.token_ids, sampling=sampling,
             rank=rank, rank_reason=reason, sink=sink, fixed_rank=fields.rank is not None,

@@ -106,7 +106,12 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")
-        message = "missing API key: send Authorization: Bearer <key>" if not header else "invalid API key"
+        if not header:
+            message = "missing API key: send Authorization: Bearer <key>"
+        elif scheme.lower() != b"bearer" or not token.strip():
+            message = "malformed Authorization header: it must be Bearer <key>"
+        else:
+            message = "invalid API key"
         logger.warning("request %s to %s rejected: %s", request_id, scope["path"], message)
         await send_error(send, 401, message, "authentication_error", request_id,
                          headers=[(b"www-authenticate", b"Bearer")])

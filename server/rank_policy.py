@@ -1,4 +1,4 @@
-"""How a request's rank is chosen: explicit, from a latency budget, the default, or lowered under load."""
+"""Rank choice for a request: explicit, from a latency budget, the default, or lowered under load."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ class RankError(ValueError):
         super().__init__(f"rank {rank!r} is not offered: choose one of {list(offered)}")
         self.rank = rank
         self.offered = list(offered)
+
+
+class NoLatencyProfileError(ValueError):
+    """A latency budget that cannot be served because no offered rank has a measured decode step yet."""
 
 
 class LatencyProfile:
@@ -88,12 +92,31 @@ class RankPolicy:
                 raise RankError(rank, self.offered)
             return rank, RankReason.EXPLICIT
         if latency_budget_ms is not None:
-            for candidate in reversed(self.offered):
-                seconds = self.predict_time_per_token(candidate, running, running_max_rank)
-                if seconds is not None and seconds * 1000 <= latency_budget_ms:
-                    return candidate, RankReason.LATENCY_BUDGET
-            return self.offered[0], RankReason.BUDGET_UNMET
+            return self.choose_for_budget(latency_budget_ms, running, running_max_rank)
         return self.default_rank, RankReason.DEFAULT
+
+    def choose_for_budget(self, latency_budget_ms: float, running: int, running_max_rank: int
+                          ) -> tuple[int, RankReason]:
+        """Return the largest offered rank predicted to fit the budget, or the smallest offered rank if none fits.
+
+        Ranks without a prediction are skipped. The smallest offered rank is 0, the base model, whenever the
+        adapter offers 0, unlike lowering under load, which stops at the smallest adapter rank.
+
+        Raises NoLatencyProfileError when no offered rank has a prediction, as after ``--profile-steps 0``.
+        """
+        predicted = {}
+        for candidate in self.offered:
+            seconds = self.predict_time_per_token(candidate, running, running_max_rank)
+            if seconds is not None:
+                predicted[candidate] = seconds
+        if not predicted:
+            raise NoLatencyProfileError(
+                "no latency measurements yet for any offered rank, so no rank can be chosen for a budget: send "
+                "rank instead, or start the server with --profile-steps above 0")
+        fitting = [rank for rank, seconds in predicted.items() if seconds * 1000 <= latency_budget_ms]
+        if fitting:
+            return max(fitting), RankReason.LATENCY_BUDGET
+        return self.offered[0], RankReason.BUDGET_UNMET
 
     def predict_time_per_token(self, rank: int, running: int, running_max_rank: int) -> float | None:
         """Predict seconds per output token at ``rank`` when joining ``running`` sequences.

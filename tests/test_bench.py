@@ -10,7 +10,8 @@ import pytest
 from matlora_client.bench import main
 from matlora_client.bench_load import StopRule
 from matlora_client.bench_report import percentile
-from matlora_client.bench_workload import Workload, builtin_prompts, load_prompts, parse_rank_mix
+from matlora_client.bench_workload import (Workload, builtin_prompts, check_prompt_format, load_prompts,
+                                           parse_rank_mix)
 
 from .live_server import live_server, tiny_settings
 from .test_client import scripted, stub_server
@@ -46,6 +47,40 @@ def test_rank_mix_is_normalised():
 def test_rank_mix_rejects_invalid_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_rank_mix(spec)
+
+
+@pytest.mark.parametrize("prompt_format, message", [
+    ("Q: {q}", "unknown placeholder(s) {q}; the only placeholder is {question}"),
+    ("Q: {}", "unknown placeholder(s) {}"),
+    ("Q: {question", "expected '}' before end of string"),
+    ("Q: none", "has no {question} placeholder"),
+    ("{question:d}", "Unknown format code 'd'"),
+])
+def test_prompt_format_is_checked(prompt_format, message):
+    with pytest.raises(ValueError) as raised:
+        check_prompt_format(prompt_format)
+    assert message in str(raised.value)
+
+
+def test_prompt_format_with_literal_braces():
+    check_prompt_format("{{json}} Q: {question!r}")
+    assert builtin_prompts("{{json}} {question}")[0].startswith("{json} A baker")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--rank-mix", "4:x"], "--rank-mix: invalid entry '4:x'"),
+    (["--rate", "0"], "--rate must be above 0, got 0.0"),
+    (["--prompt-format", "Q: {q}"], "unknown placeholder(s) {q}"),
+    (["--prompts", "no-such-file.jsonl"], "--prompts no-such-file.jsonl: file not found"),
+    (["--timeout", "0"], "argument --timeout: must be a number of seconds above 0"),
+    (["--url", "localhost:8000"], "argument --url: the URL must start with http:// or https://"),
+    (["--openai-base-url", "http://"], "argument --openai-base-url: the URL 'http://' has no host"),
+])
+def test_invalid_arguments_exit_2(arguments, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([*arguments, "--no-progress"])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_workload_draws_are_seeded():
@@ -124,6 +159,21 @@ def test_rank_not_offered_fails_before_the_run(server, tmp_path, capsys):
     assert status == 1
     assert "rank(s) [5] are not offered" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ([], "all 3 requests failed (by HTTP status: 422: 3)"),
+    (["--sweep"], "every request failed at rank(s) [0, 1, 2, 4, 8, 16]"),
+])
+def test_run_where_every_request_fails_exits_1(server, tmp_path, capsys, mode, message):
+    prefix = tmp_path / "failing"
+    # More output tokens than the server's max_tokens_limit: every request gets HTTP 422.
+    status = main(["--url", server.url, *mode, "--num-requests", "3", "--concurrency", "1", "--max-tokens", "100000",
+                   "--output-prefix", str(prefix), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert f"matlora-bench: error: {message}; {prefix}.json has each request's error" in err
+    assert (tmp_path / "failing.json").exists()
 
 
 def test_sweep_writes_table_and_plot(server, tmp_path):

@@ -350,3 +350,13 @@ def test_sse_decoder_joins_data_lines():
 def test_base_url_must_be_http():
     with pytest.raises(ValueError, match="base_url"):
         MatloraClient("127.0.0.1:8000")
+    with pytest.raises(ValueError, match="base_url 'http://' has no host"):
+        MatloraClient("http://")
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), True])
+def test_timeout_must_be_positive(timeout):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+        MatloraClient("http://127.0.0.1:8000", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+        AsyncMatloraClient("http://127.0.0.1:8000", timeout=timeout)

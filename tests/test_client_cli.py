@@ -44,6 +44,15 @@ def test_generate_json(run_cli):
     assert body["usage"]["completion_tokens"] <= 5
 
 
+def test_json_prints_null_fields(run_cli):
+    status, out, _ = run_cli("--json", "generate", PROMPT, "--rank", "4", "--max-tokens", "3")
+    body = json.loads(out)
+    assert status == 0
+    assert "requested_rank" in body
+    assert body["requested_rank"] is None
+    assert set(body["timings"]) == {"queue_ms", "time_to_first_token_ms", "time_per_output_token_ms", "e2e_ms"}
+
+
 def test_generate_stream_json_lines(run_cli):
     status, out, _ = run_cli("generate", PROMPT, "--rank", "16", "--max-tokens", "5", "--stream", "--json")
     assert status == 0
@@ -147,6 +156,29 @@ def test_rank_and_budget_are_exclusive(run_cli):
     with pytest.raises(SystemExit) as caught:
         run_cli("generate", PROMPT, "--rank", "4", "--latency-budget-ms", "20")
     assert caught.value.code == 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--timeout", "0", "health"], "argument --timeout: must be a number of seconds above 0, got '0'"),
+    (["--timeout", "-1", "health"], "argument --timeout: must be a number of seconds above 0, got '-1'"),
+    (["health", "--timeout", "nan"], "argument --timeout: must be a number of seconds above 0, got 'nan'"),
+    (["--url", "127.0.0.1:8000", "health"], "argument --url: the URL must start with http:// or https://"),
+    (["--url", "http://", "health"], "argument --url: the URL 'http://' has no host"),
+    (["--max-retries", "-1", "health"], "--max-retries must be 0 or more, got -1"),
+])
+def test_invalid_arguments_exit_2(arguments, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(arguments)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invalid_url_in_environment_exits_2(monkeypatch, capsys):
+    monkeypatch.setenv("MATLORA_URL", "localhost:8000")
+    with pytest.raises(SystemExit) as caught:
+        main(["health"])
+    assert caught.value.code == 2
+    assert "argument --url: the URL must start with http:// or https://" in capsys.readouterr().err
 
 
 def test_unreachable_server_exits_non_zero(capsys):

@@ -69,3 +69,34 @@ def test_unknown_model_is_404(client):
 def test_unsupported_option_is_422(client):
     with pytest.raises(openai.UnprocessableEntityError, match="n: not supported"):
         client.completions.create(model="tiny-matryoshka", prompt="hi", max_tokens=2, n=2)
+
+
+def test_base_model_id_runs_rank_zero(client):
+    base = client.completions.create(model="tiny-llama", prompt="The quick brown", max_tokens=6)
+    adapter_at_zero = client.completions.create(model="tiny-matryoshka", prompt="The quick brown", max_tokens=6,
+                                                extra_body={"rank": 0})
+    assert base.model == "tiny-llama"
+    assert base.model_extra["rank"] == 0
+    assert base.model_extra["rank_reason"] == "explicit"
+    assert base.choices[0].text == adapter_at_zero.choices[0].text
+    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3, extra_body={"rank": 0})
+    assert chat.model_extra["rank"] == 0
+
+
+def test_adapter_id_keeps_default_rank(client):
+    response = client.completions.create(model="tiny-matryoshka", prompt="hi", max_tokens=2)
+    assert (response.model_extra["rank"], response.model_extra["rank_reason"]) == (16, "default")
+
+
+@pytest.mark.parametrize("extra, param, fragment", [
+    ({"rank": 4}, "rank", "rank 4 needs the adapter, but model 'tiny-llama' is the base model"),
+    ({"latency_budget_ms": 50}, "latency_budget_ms", "model 'tiny-llama' is the base model"),
+])
+def test_base_model_id_with_adapter_rank_is_422(client, extra, param, fragment):
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2, extra_body=extra)
+    error = raised.value.body
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert "'tiny-matryoshka'" in error["message"]

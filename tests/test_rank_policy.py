@@ -3,7 +3,7 @@
 import pytest
 
 from matlora_server.engine import RankReason, Request, SamplingParams
-from matlora_server.rank_policy import LatencyProfile, RankError, RankPolicy
+from matlora_server.rank_policy import LatencyProfile, NoLatencyProfileError, RankError, RankPolicy
 
 OFFERED = [0, 1, 2, 4, 8, 16, 32]
 # Stubbed seconds per decode step: grows with rank and with batch size.
@@ -39,6 +39,28 @@ def test_budget_picks_largest_fitting_rank(budget_ms, expected):
 
 def test_budget_nothing_fits_uses_smallest_rank():
     assert make_policy().choose(None, 5.0, running=0, running_max_rank=0) == (0, RankReason.BUDGET_UNMET)
+
+
+def test_budget_skips_ranks_without_prediction():
+    measured = {key: seconds for key, seconds in STUB.items() if key[0] in (2, 4)}
+    policy = RankPolicy(OFFERED, default_rank=16, profile=LatencyProfile(measured))
+    assert policy.choose(None, 100.0, running=0, running_max_rank=0) == (4, RankReason.LATENCY_BUDGET)
+    assert policy.choose(None, 14.5, running=0, running_max_rank=0) == (2, RankReason.LATENCY_BUDGET)
+
+
+def test_budget_unmet_goes_to_base_model_when_offered():
+    measured = {key: seconds for key, seconds in STUB.items() if key[0] in (2, 4)}
+    policy = RankPolicy(OFFERED, default_rank=16, profile=LatencyProfile(measured))
+    assert policy.choose(None, 1.0, running=0, running_max_rank=0) == (0, RankReason.BUDGET_UNMET)
+    adapter_only = RankPolicy([2, 4, 8], default_rank=8, profile=LatencyProfile(measured))
+    assert adapter_only.choose(None, 1.0, running=0, running_max_rank=0) == (2, RankReason.BUDGET_UNMET)
+
+
+def test_budget_without_measurements_raises():
+    policy = RankPolicy(OFFERED, default_rank=16, profile=LatencyProfile({}))
+    with pytest.raises(NoLatencyProfileError, match="no latency measurements yet.*send rank instead"):
+        policy.choose(None, 100.0, running=0, running_max_rank=0)
+    assert policy.choose(4, None, running=0, running_max_rank=0) == (4, RankReason.EXPLICIT)
 
 
 def test_budget_accounts_for_batch_and_its_largest_rank():

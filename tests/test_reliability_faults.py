@@ -1,11 +1,12 @@
 """Faults: a request that fails in the model or in sampling, NaN or inf logits, unexpected exceptions, SIGTERM on a
-real server process, and start-up with a broken adapter or a missing model."""
+real server process, start-up with a broken adapter or a missing model, and invalid settings."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,8 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from matlora_server import __main__ as server_main
+from matlora_server.config import ServerSettings
 from matlora_server.engine import engine as engine_module
 from matlora_server.generation import GenerationService
+from matlora_server.options import build_parser, unknown_environment_variables
 
 from .live_server import free_port, live_server, tiny_settings
 
@@ -250,11 +253,11 @@ def listening(port: int) -> bool:
 def test_sigterm_drains_and_exits_zero(tiny_model_dir, tiny_adapter_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    grace = 20
+    grace = 60
     process = start_server(tiny_model_dir, tiny_adapter_dir, port, "--shutdown-grace-s", str(grace))
     try:
         wait_healthy(process, url)
-        body = {"prompt": "Question: Tom has", "rank": 4, "max_new_tokens": 500, "ignore_eos": True, "stream": True}
+        body = {"prompt": "Question: Tom has", "rank": 4, "max_new_tokens": 200, "ignore_eos": True, "stream": True}
         finished_at: list[float] = []
         results: list[list[str]] = []
         first_events = threading.Barrier(4)
@@ -302,7 +305,7 @@ def test_sigterm_drains_and_exits_zero(tiny_model_dir, tiny_adapter_dir):
         assert events[-1] == "[DONE]"
         final = json.loads(events[-2])
         assert final["finish_reason"] == "length"
-        assert final["usage"]["completion_tokens"] == 500
+        assert final["usage"]["completion_tokens"] == 200
         assert finished > sent_at             # the request was still running when the signal came
     assert "received signal" in output
     assert not listening(port)
@@ -382,3 +385,149 @@ def test_broken_adapter_process_exits_nonzero(tiny_model_dir, tiny_adapter_dir, 
     assert process.returncode == 1
     assert f"cannot start: {path}: not a readable safetensors file" in output
     assert not listening(port)
+
+
+# --- invalid settings ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Fail the test if main() gets as far as loading the model."""
+    def load(settings):
+        raise AssertionError("the model was loaded despite invalid settings")
+
+    monkeypatch.setattr(server_main, "create_app", load)
+
+
+@pytest.fixture()
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--port", "abc"], "--port / MATLORA_PORT: Input should be a valid integer, unable to parse string as an "
+                        "integer (got 'abc'); allowed: an integer from 1 to 65535"),
+    (["--port", "0"], "--port / MATLORA_PORT: Input should be greater than or equal to 1 (got '0'); allowed: an "
+                      "integer from 1 to 65535"),
+    (["--device", "tpu"], "--device / MATLORA_DEVICE: unknown device 'tpu'; allowed: auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda"], "--device / MATLORA_DEVICE: device 'cuda' needs CUDA, which is not available here"),
+    (["--log-level", "verbose"], "--log-level / MATLORA_LOG_LEVEL: Input should be 'DEBUG', 'INFO', 'WARNING' or "
+                                 "'ERROR' (got 'VERBOSE')"),
+    (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device, got device 'cpu'"),
+    (["--profile-batch-sizes", "1,x"], "--profile-batch-sizes / MATLORA_PROFILE_BATCH_SIZES, item 2: Input should "
+                                       "be a valid integer"),
+    (["--lower-rank-under-load", "--max-prompt-tokens", "2000"], "--max-prompt-tokens 2000 must be below "
+                                                                 "--max-model-len 1024"),
+])
+def test_invalid_setting_exits_2(options, expected, no_model_load, no_cuda, capsys):
+    code = server_main.main(options)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"matlora-server: invalid setting: {expected}")
+    assert "pydantic" not in err
+    assert_no_trace(err)
+
+
+def test_invalid_settings_one_line_each(no_model_load, capsys, monkeypatch):
+    monkeypatch.setenv("MATLORA_MAX_WAITING", "many")
+    code = server_main.main(["--port", "abc", "--rank-batching", "none"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert [line.split(":")[1].strip() for line in lines] == ["invalid setting"] * 3
+    assert any("--max-waiting / MATLORA_MAX_WAITING" in line and "(got 'many')" in line for line in lines)
+    assert any("--rank-batching / MATLORA_RANK_BATCHING: Input should be 'mixed' or 'split'" in line
+               for line in lines)
+
+
+def test_invalid_api_keys_are_not_echoed(no_model_load, capsys, monkeypatch):
+    monkeypatch.setenv("MATLORA_API_KEYS", '["my-secret-key", 12345]')
+    code = server_main.main([])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--api-keys / MATLORA_API_KEYS, item 2: Input should be a valid string" in err
+    assert "my-secret-key" not in err
+    assert "12345" not in err
+
+
+def test_log_level_is_case_insensitive():
+    assert ServerSettings(log_level="debug").log_level == "DEBUG"
+    assert ServerSettings(log_level=" Warning ").log_level == "WARNING"
+
+
+def test_cuda_device_index_is_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ServerSettings(device="CUDA:1").device == "cuda:1"
+    assert ServerSettings(device="cuda").resolved_device() == "cuda"
+    with pytest.raises(ValueError, match=r"device 'cuda:2' does not exist: this machine has 2 CUDA device\(s\)"):
+        ServerSettings(device="cuda:2")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "absent.txt: file not found"),
+    ("\n  \n", "the file contains no key; write one key per line"),
+])
+def test_bad_keys_file_exits_2_before_loading(content, expected, tiny_adapter_dir, tmp_path, no_model_load,
+                                              capsys):
+    keys_file = tmp_path / ("absent.txt" if content is None else "keys.txt")
+    if content is not None:
+        keys_file.write_text(content)
+    code = server_main.main(["--adapter", str(tiny_adapter_dir), "--api-keys-file", str(keys_file)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("matlora-server: invalid setting: --api-keys-file / MATLORA_API_KEYS_FILE: ")
+    assert expected in err
+
+
+def test_default_rank_not_offered_exits_2_before_loading(tiny_adapter_dir, no_model_load, capsys):
+    code = server_main.main(["--adapter", str(tiny_adapter_dir), "--default-rank", "5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (f"matlora-server: invalid setting: --default-rank / MATLORA_DEFAULT_RANK: rank 5 is not offered "
+                   f"by the adapter {tiny_adapter_dir}; allowed: [0, 1, 2, 4, 8, 16]\n")
+
+
+def test_unreadable_adapter_config_fails_before_loading(tmp_path, no_model_load, caplog):
+    code = server_main.main(["--adapter", str(tmp_path / "no-such-adapter")])
+    messages = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert code == 1
+    assert messages == [f"cannot start: adapter folder {tmp_path / 'no-such-adapter'} does not exist or is not a "
+                        "folder"]
+
+
+def test_unknown_environment_variables_are_named():
+    environ = {"MATLORA_API_KEY": "secret-1", "MATLORA_PROT": "8001", "MATLORA_PORT": "8001",
+               "matlora_max_waiting": "4", "MATLORA_CACHE_DIR": "/tmp", "PATH": "/bin"}
+    warnings = unknown_environment_variables(environ)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("environment variable MATLORA_API_KEY is set, but matlora-server does not read it: "
+                                  "the server reads MATLORA_API_KEYS")
+    assert warnings[1].startswith("environment variable MATLORA_PROT is set, but matlora-server does not read it")
+    assert not [warning for warning in warnings if "secret-1" in warning or "8001" in warning]
+
+
+def test_unknown_environment_variable_is_logged(tiny_adapter_dir, no_model_load, monkeypatch, caplog):
+    monkeypatch.setenv("MATLORA_API_KEY", "secret-2")
+    server_main.main(["--adapter", str(tiny_adapter_dir), "--default-rank", "5"])
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("MATLORA_API_KEY is set" in warning and "MATLORA_API_KEYS" in warning for warning in warnings)
+    assert not [warning for warning in warnings if "secret-2" in warning]
+
+
+def test_help_shows_each_option_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")     # one line per option
+    text = build_parser().format_help()
+    options = [line.strip() for line in text.split("options:")[1].splitlines() if line.strip()]
+    assert "(default: None)" not in text
+    assert all(line.count("(default:") <= 1 for line in options)
+    assert re.search(r"--served-model-name SERVED_MODEL_NAME\s+model id reported by /v1/models \(default: --model\)\n",
+                     text)
+    assert "--dtype {float32,bfloat16,float16}" in text
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text
+    assert "--rank-batching {mixed,split}" in text
+    assert "(default: adapters/smollm2-135m-gsm8k-matryoshka in the source tree)" in text
+    assert str(Path(server_main.__file__).parent.parent) not in text
+    assert "(comma-separated, or a JSON list) (default: 1,4,16)" in text
+    assert "require an API key on /metrics too (default: off)" in text

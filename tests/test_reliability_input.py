@@ -167,6 +167,45 @@ def test_n_other_than_one(server, route, value, fragment):
     assert fragment in error["message"]
 
 
+@pytest.mark.parametrize("route, field, value, message", [
+    ("/v1/completions", "logprobs", 5, "logprobs: not supported by this server: only null or 0 is accepted (got 5)"),
+    ("/v1/completions", "echo", True, "echo: not supported by this server: only false is accepted (got True)"),
+    ("/v1/completions", "suffix", "x", 'suffix: not supported by this server: only null or "" is accepted '
+                                       "(got 'x')"),
+    ("/v1/chat/completions", "logit_bias", {"7": 1}, "logit_bias: not supported by this server: only null is "
+                                                     "accepted"),
+])
+def test_unsupported_option_names_json_value(server, route, field, value, message):
+    error = error_of(post(server, route, body_for(route, **{field: value})), 422)
+    assert error["param"] == field
+    assert error["message"] == message
+
+
+def test_list_of_prompts_gets_one_error(server):
+    error = error_of(post(server, "/v1/completions", {"prompt": ["a", "b", "c"], "max_tokens": 2}), 422)
+    assert error["param"] == "prompt"
+    assert error["message"] == "prompt: a list of prompts is not supported: send one prompt (got ['a', 'b', 'c'])"
+    assert post(server, "/v1/completions", {"prompt": ["Question: Tom has"], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_rank_and_budget_together(server, route):
+    error = error_of(post(server, route, body_for(route, rank=4, latency_budget_ms=50)), 422)
+    assert error["param"] == "latency_budget_ms"
+    assert "send rank or latency_budget_ms, not both" in error["message"]
+
+
+def test_max_tokens_and_max_completion_tokens_differ(server):
+    body = body_for("/v1/chat/completions", max_tokens=3, max_completion_tokens=2)
+    error = error_of(post(server, "/v1/chat/completions", body), 422)
+    assert error["param"] == "max_completion_tokens"
+    assert "max_tokens (3) and max_completion_tokens (2) differ" in error["message"]
+    same = post(server, "/v1/chat/completions", body_for("/v1/chat/completions", max_tokens=2,
+                                                         max_completion_tokens=2, ignore_eos=True))
+    assert same.status_code == 200
+    assert same.json()["usage"]["completion_tokens"] == 2
+
+
 # --- wrong types, NaN, negative values and empty prompts ---------------------------------------------------
 
 

@@ -57,11 +57,18 @@ def test_route_accepts_each_key(keyed_server, method, path, body, key):
     assert call(keyed_server.url, method, path, body, key=key).status_code == 200
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Basic key-one", "key-one", "Bearer key-one-extra",
-                                    "Bearer key-one key-two"])
-def test_malformed_authorization_is_rejected(keyed_server, header):
+@pytest.mark.parametrize("header, message", [
+    ("Bearer", "malformed Authorization header: it must be Bearer <key>"),
+    ("Basic key-one", "malformed Authorization header: it must be Bearer <key>"),
+    ("key-one", "malformed Authorization header: it must be Bearer <key>"),
+    ("Bearer key-one-extra", "invalid API key"),
+    ("Bearer key-one key-two", "invalid API key"),
+])
+def test_malformed_authorization_is_rejected(keyed_server, header, message):
     response = httpx.get(keyed_server.url + "/v1/models", headers={"Authorization": header})
     assert response.status_code == 401
+    assert response.json()["error"]["message"] == message
+    assert "key-one" not in response.json()["error"]["message"]
 
 
 def test_health_and_metrics_are_open_by_default(keyed_server):

@@ -57,7 +57,7 @@ def test_bad_rank_names_offered_ranks(server):
     ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
     ({"prompt": "hi", "top_p": 0}, "top_p"),
     ({"prompt": "hi", "colour": "red"}, "colour"),
-    ({"prompt": "hi", "rank": 4, "latency_budget_ms": 50}, None),
+    ({"prompt": "hi", "rank": 4, "latency_budget_ms": 50}, "latency_budget_ms"),
 ])
 def test_invalid_fields_answer_422(server, body, param):
     with server.client() as client:
@@ -66,6 +66,32 @@ def test_invalid_fields_answer_422(server, body, param):
     error = response.json()["error"]
     assert error["param"] == param
     assert error["request_id"]
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_deeply_nested_json_is_422(server, route):
+    nested = b"[" * 5000 + b"]" * 5000
+    with server.client() as client:
+        response = client.post(route, content=b'{"prompt": ' + nested + b"}",
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["message"] == "the request body could not be parsed as JSON: it is nested too deeply"
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] is None
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def test_budget_without_latency_profile_is_422():
+    with live_server(tiny_settings(profile_steps=0)) as running, running.client() as client:
+        response = client.post("/generate", json={"prompt": "hi", "latency_budget_ms": 1000, "max_new_tokens": 2})
+        explicit = client.post("/generate", json={"prompt": "hi", "rank": 4, "max_new_tokens": 2})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "latency_budget_ms"
+    assert error["message"].startswith("latency_budget_ms: no latency measurements yet for any offered rank")
+    assert "send rank instead, or start the server with --profile-steps above 0" in error["message"]
+    assert explicit.status_code == 200
 
 
 def test_metrics_count_tokens_under_rank(server):
@@ -128,10 +154,10 @@ def test_default_rank_from_settings():
 
 
 def test_float16_on_cpu_is_rejected():
-    from matlora_server.app import load_components
+    from matlora_server.config import ServerSettings
 
-    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
-        load_components(tiny_settings(dtype="float16", device="cpu"))
+    with pytest.raises(ValueError, match="--dtype float16 needs a CUDA device, got device 'cpu'"):
+        ServerSettings(dtype="float16", device="cpu")
 
 
 def test_missing_model_package_shows_install_command(monkeypatch, tmp_path):

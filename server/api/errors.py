@@ -106,6 +106,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(error.__cause__, UnicodeDecodeError):
             # FastAPI (0.165) rejects a body that fails to decode with a bare "There was an error parsing the body".
             message = f"the request body is not valid UTF-8 ({error.__cause__}); send JSON encoded as UTF-8"
+        elif isinstance(error.__cause__, RecursionError):
+            # json.loads raises RecursionError on deeply nested arrays or objects, and FastAPI turns it into the
+            # same bare 400. This returns the 422 of any other body that is not valid JSON instead.
+            message = "the request body could not be parsed as JSON: it is nested too deeply"
+            return JSONResponse(error_body(422, message, "invalid_request_error", None, request_id_of(request)),
+                                status_code=422)
         return JSONResponse(error_body(error.status_code, message, error_type, None, request_id_of(request)),
                             status_code=error.status_code, headers=getattr(error, "headers", None))
 

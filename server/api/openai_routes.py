@@ -23,13 +23,33 @@ OPENAI_RESPONSES = {**ERRORS, 404: {"model": ErrorResponse}, **STREAMED}
 
 
 def check_model(request: Request, body: OpenAIFields) -> str:
-    """Return the model id to report; a request naming a model this server does not serve gets 404."""
+    """Return the model id to report, and set rank 0 on a request that names the base model.
+
+    A request naming a model this server does not serve gets 404. The adapter's id, or no model, leaves the
+    rank to ``rank``, ``latency_budget_ms`` or the default.
+    """
     state = request.app.state
     served = {state.model_name, state.adapter_name}
     if body.model is not None and body.model not in served:
         raise APIError(404, f"model: {body.model!r} is not served here; choose one of {sorted(served)}",
                        error_type="not_found_error", param="model")
+    # When --served-model-name gives the base model the adapter's name, the id means the adapter.
+    if body.model == state.model_name and state.model_name != state.adapter_name:
+        select_base_model(body, state.adapter_name)
     return body.model or state.adapter_name
+
+
+def select_base_model(body: OpenAIFields, adapter_name: str) -> None:
+    """Run a request for the base model's id at rank 0, the model without the adapter (reason ``explicit``)."""
+    if body.rank is not None and body.rank != 0:
+        raise APIError(422, f"rank: rank {body.rank} needs the adapter, but model {body.model!r} is the base model, "
+                       f"which runs at rank 0 only; send model {adapter_name!r} with rank {body.rank}, or leave out "
+                       "rank", param="rank")
+    if body.latency_budget_ms is not None:
+        raise APIError(422, f"latency_budget_ms: a latency budget chooses an adapter rank, but model {body.model!r} "
+                       f"is the base model, which runs at rank 0 only; send model {adapter_name!r} with the budget, "
+                       "or leave out latency_budget_ms", param="latency_budget_ms")
+    body.rank = 0
 
 
 def rank_fields(output: RequestOutput) -> dict:
@@ -146,7 +166,11 @@ async def stream_events(first: RequestOutput, outputs: AsyncIterator[RequestOutp
             return
 
 
-@router.get("/models", response_model=ModelList, summary="The base model and the adapter with its ranks")
+@router.get("/models", response_model=ModelList, summary="The base model and the adapter with its ranks",
+            description="Two model ids are served. The adapter's id (also used when a request names no model) runs "
+                        "at the request's `rank`, at the rank chosen for its `latency_budget_ms`, or at the default "
+                        "rank. The base model's id runs at rank 0, the model without the adapter; with it, a "
+                        "non-zero `rank` or a `latency_budget_ms` gets HTTP 422.")
 async def models(request: Request) -> ModelList:
     state = request.app.state
     config = state.adapter_config

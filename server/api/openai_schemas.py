@@ -7,6 +7,7 @@ zero penalties), so a request that depends on them fails with HTTP 422 instead o
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -34,7 +35,7 @@ class OpenAIFields(SamplingFields):
     def only_neutral_value(cls, value, info):
         neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}[info.field_name]
         if value != neutral and not (info.field_name == "logit_bias" and not value):
-            raise ValueError(f"not supported by this server: only {neutral!r} is accepted")
+            raise ValueError(f"not supported by this server: only {json.dumps(neutral)} is accepted")
         return value
 
 
@@ -45,12 +46,23 @@ class CompletionRequest(OpenAIFields):
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def one_prompt(cls, value):
+        # Checked before the union, which would otherwise report one error per member type.
+        if isinstance(value, list) and len(value) > 1:
+            raise ValueError("a list of prompts is not supported: send one prompt")
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt list is empty: send one prompt")
+        return value
+
     @field_validator("logprobs", "echo", "best_of", "suffix")
     @classmethod
     def unsupported_options(cls, value, info):
         neutral = {"logprobs": (None, 0), "echo": (False,), "best_of": (None, 1), "suffix": (None, "")}
         if value not in neutral[info.field_name]:
-            raise ValueError(f"not supported by this server: only {neutral[info.field_name][0]!r} is accepted")
+            allowed = " or ".join(json.dumps(option) for option in neutral[info.field_name])
+            raise ValueError(f"not supported by this server: only {allowed} is accepted")
         return value
 
     def prompt_text(self) -> str:
@@ -84,6 +96,16 @@ class ChatCompletionRequest(OpenAIFields):
     def no_logprobs(cls, value, info):
         if value not in (None, False, 0):
             raise ValueError("not supported by this server: logprobs are not returned")
+        return value
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def one_output_limit(cls, value, info):
+        # max_tokens is declared in OpenAIFields, before this field, so info.data contains it when it is valid.
+        max_tokens = info.data.get("max_tokens")
+        if value is not None and max_tokens is not None and value != max_tokens:
+            raise ValueError(f"max_tokens ({max_tokens}) and max_completion_tokens ({value}) differ: send one of "
+                             "them, or the same value in both")
         return value
 
     def output_limit(self) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 # A JSON number: StrictFloat accepts integers too (as floats) but not strings or booleans. One type instead of a
 # float | int union, so an invalid value gets one error naming the field.
@@ -34,11 +34,14 @@ class SamplingFields(StrictModel):
     latency_budget_ms: Annotated[Number, Field(gt=0)] | None = Field(
         None, description="budget per output token in milliseconds; picks the largest rank predicted to fit")
 
-    @model_validator(mode="after")
-    def rank_or_budget(self):
-        if self.rank is not None and self.latency_budget_ms is not None:
-            raise ValueError("give rank or latency_budget_ms, not both")
-        return self
+    @field_validator("latency_budget_ms")
+    @classmethod
+    def rank_or_budget(cls, value, info):
+        # A field validator rather than a model validator, so the error names a field. rank is declared first,
+        # so info.data contains it when it is valid.
+        if value is not None and info.data.get("rank") is not None:
+            raise ValueError("send rank or latency_budget_ms, not both")
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

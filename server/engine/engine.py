@@ -36,8 +36,8 @@ class TensorThread:
     """One OS thread for all tensor work of a server: loading the model, the start-up profile, the step loop.
 
     PyTorch's CPU kernels run on an OpenMP thread team that belongs to the calling thread. When the model is
-    loaded on one thread and the step loop runs on another, the two teams compete for the cores: on a 2-core
-    machine a decode step took 20 to 50% longer than with every call on one thread.
+    loaded on one thread and the step loop runs on another, the two teams compete for the cores. On a 2-core
+    machine a decode step then took 20 to 50% longer than with every call on one thread.
     """
 
     def __init__(self) -> None:
@@ -57,7 +57,7 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass
 class StepStats:
-    """What one forward of a step did, for metrics and the latency profile."""
+    """Statistics of one forward of a step, for metrics and the latency profile."""
 
     phase: str                          # "prefill" or "decode"
     seconds: float
@@ -144,7 +144,7 @@ class Engine:
         with self._condition:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and accepts no new requests")
-            # Count requests not yet moved out of the inbox as waiting, so the bound holds between steps.
+            # Count requests not yet moved out of the inbox as waiting, so the bound is kept between steps.
             self.scheduler.ensure_room(pending=len(self._inbox))
             self._inbox.append(request)
             self._condition.notify()

@@ -4,8 +4,8 @@ Keys and values of all layers live in two tensors of shape [layers, slots, kv_he
 capacity (tokens per slot) starts small and doubles up to ``max_model_len`` when a longer sequence is admitted,
 so memory follows the longest running sequence. When a sequence leaves, the last row moves into its slot.
 
-The model reaches the cache through ``update(key, value, layer_idx)``, the call transformers' attention layers
-make on their cache object; the writer objects below implement it for a prefill and for a decode step.
+The model reaches the cache through ``update(key, value, layer_idx)``, the call that transformers' attention
+layers make on their cache object. The writer objects below implement it for a prefill and for a decode step.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class DecodeWriter:
         return keys[self.rows, :, : self.width], values[self.rows, :, : self.width]
 
     def attention_mask(self) -> torch.Tensor:
-        """Return the [rows, 1, 1, width] boolean mask: each row sees its own positions up to the new token."""
+        """Return the [rows, 1, 1, width] boolean mask: row i attends to its own positions up to the new token."""
         columns = torch.arange(self.width, device=self.cache.device)
         return (columns[None, :] <= self.positions[:, None])[:, None, None, :]
 
