@@ -14,8 +14,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,56 +26,14 @@ from .model_runner import ModelRunner
 from .request import FinishReason, Request, RequestOutput
 from .sampling import sample_tokens
 from .scheduler import AdmissionHook, Scheduler, SchedulerConfig
+from .stats import EngineObserver, StepStats, tokens_by_rank
+from .tensor_thread import TensorThread
 
 logger = logging.getLogger(__name__)
 
 
-class TensorThread:
-    """One OS thread for all tensor work of a server: loading the model, the start-up profile, the step loop.
-
-    PyTorch's CPU kernels run on an OpenMP thread team that belongs to the calling thread. When the model is
-    loaded on one thread and the step loop runs on another, the two teams compete for the cores. On a 2-core
-    machine a decode step then took 20 to 50% longer than with every call on one thread.
-    """
-
-    def __init__(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="matlora-tensor")
-
-    def run(self, function, *args, **kwargs):
-        """Call ``function`` on the tensor thread and return its result (re-raising its exception)."""
-        return self._executor.submit(function, *args, **kwargs).result()
-
-    def submit(self, function, *args, **kwargs) -> concurrent.futures.Future:
-        return self._executor.submit(function, *args, **kwargs)
-
-
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down and accepts no new requests."""
-
-
-@dataclass
-class StepStats:
-    """Statistics of one forward of a step, for metrics and the latency profile."""
-
-    phase: str                          # "prefill" or "decode"
-    seconds: float
-    batch_size: int
-    ranks: list[int]                    # rank of each row
-    max_rank: int
-    prompt_tokens: dict[int, int] = field(default_factory=dict)      # rank -> prompt tokens prefilled
-    generated_tokens: dict[int, int] = field(default_factory=dict)   # rank -> tokens produced in this forward
-
-
-def tokens_by_rank(requests: list[Request]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for request in requests:
-        counts[request.rank] = counts.get(request.rank, 0) + request.num_prompt_tokens
-    return counts
-
-
-class EngineObserver(Protocol):
-    def on_step(self, stats: StepStats, engine: "Engine") -> None: ...
-    def on_request_finished(self, request: Request) -> None: ...
 
 
 class Engine:
