@@ -55,7 +55,8 @@ class LiveServer:
     thread: threading.Thread
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, **kwargs)
 
 
 @contextmanager

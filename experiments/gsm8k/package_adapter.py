@@ -1,13 +1,16 @@
-"""Make the bundled adapter from the final Matryoshka run and its evaluation.
+"""Make the bundled adapter from the final Matryoshka run and its two evaluations.
 
-The adapter is served with the inference rule whose loss curve has the lower log2 AURAC on the test questions,
-and that rule's per-rank results become its profile (the quality the server reports in /v1/ranks).
+The adapter is served with the inference rule whose loss curve has the lower log2 AURAC on the test questions.
+That rule's per-rank loss and accuracy become its profile, which the server reports in /v1/ranks. The answer-token
+loss is the quality figure: it is measured on more questions than the accuracy and varies far less between ranks
+by chance.
 
-    python experiments/gsm8k/package_adapter.py RUN_DIR EVAL_JSON TARGET_DIR
+    python experiments/gsm8k/package_adapter.py RUN_DIR LOSS_JSON TARGET_DIR [--accuracy ACCURACY_JSON]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -18,12 +21,22 @@ from matlora_core.adapter import write_config
 from matlora_core.config import CONFIG_NAME, WEIGHTS_NAME
 
 
-def main(run_dir: str, eval_json: str, target_dir: str) -> int:
-    results = json.loads(Path(eval_json).read_text())
-    curves = [c for c in results["curves"] if c["label"] == "Matryoshka"]
+def matryoshka_curves(path: str) -> dict[str, dict]:
+    """Return the curves labelled Matryoshka in the evaluation file ``path``, keyed by inference rule."""
+    results = json.loads(Path(path).read_text())
+    curves = {c["inference_rule"]: dict(c, examples=results["examples"], dtype=results["dtype"])
+              for c in results["curves"] if c["label"] == "Matryoshka"}
     if not curves:
-        raise SystemExit(f"{eval_json}: no curve labelled Matryoshka")
-    best = min(curves, key=lambda c: c["aurac"]["answer_loss"]["log2"])
+        raise SystemExit(f"{path}: no curve labelled Matryoshka")
+    return curves
+
+
+def main(run_dir: str, loss_json: str, target_dir: str, accuracy_json: str | None = None) -> int:
+    loss_curves = matryoshka_curves(loss_json)
+    accuracy_curves = matryoshka_curves(accuracy_json) if accuracy_json else {}
+    rule = min(loss_curves, key=lambda r: loss_curves[r]["aurac"]["answer_loss"]["log2"])
+    loss, accuracy = loss_curves[rule], accuracy_curves.get(rule)
+    accuracy_by_rank = {r["rank"]: r["accuracy"] for r in accuracy["ranks"]} if accuracy else {}
 
     target = Path(target_dir)
     target.mkdir(parents=True, exist_ok=True)
@@ -31,18 +44,35 @@ def main(run_dir: str, eval_json: str, target_dir: str) -> int:
         shutil.copy(Path(run_dir) / name, target / name)
 
     config = read_config(target)
-    config.inference_rule = best["inference_rule"]
-    config.quality_metric = "accuracy"
-    config.profile = {r["rank"]: {"answer_loss": round(r["answer_loss"], 5), "accuracy": round(r["accuracy"], 5)}
-                      for r in best["ranks"]}
-    config.training["evaluation"] = {"data": "GSM8K test", "examples": results["examples"],
-                                     "dtype": results["dtype"], "metrics": "answer_loss, accuracy"}
+    config.inference_rule = rule
+    config.quality_metric = "answer_loss"
+    config.profile = {}
+    for entry in loss["ranks"]:
+        metrics = {"answer_loss": round(entry["answer_loss"], 5)}
+        if accuracy_by_rank.get(entry["rank"]) is not None:
+            metrics["accuracy"] = round(accuracy_by_rank[entry["rank"]], 5)
+        config.profile[entry["rank"]] = metrics
+    # The training file's local path means nothing on another machine; keep only its name.
+    config.training["train_file"] = "GSM8K " + Path(config.training["train_file"]).name
+    config.training["evaluation"] = {
+        "data": "GSM8K test", "dtype": loss["dtype"],
+        "answer_loss_examples": loss["examples"],
+        "accuracy_examples": accuracy["examples"] if accuracy else 0,
+    }
     write_config(config, target)
-    print(f"packaged {target}: inference rule {config.inference_rule}, profile ranks {sorted(config.profile)}")
+    print(f"packaged {target}: inference rule {rule}")
+    print("rank  answer_loss  accuracy")
+    for rank, metrics in sorted(config.profile.items()):
+        acc = metrics.get("accuracy")
+        print(f"{rank:>4}  {metrics['answer_loss']:>11.4f}  {'-' if acc is None else f'{acc:.3f}':>8}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        raise SystemExit(__doc__)
-    sys.exit(main(*sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="folder of the final Matryoshka run")
+    parser.add_argument("loss_json", help="`matlora eval --metrics loss` output with a curve labelled Matryoshka")
+    parser.add_argument("target_dir", help="folder to write the bundled adapter to")
+    parser.add_argument("--accuracy", help="`matlora eval --metrics accuracy` output, added to the profile")
+    args = parser.parse_args()
+    sys.exit(main(args.run_dir, args.loss_json, args.target_dir, args.accuracy))
