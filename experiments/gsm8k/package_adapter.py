@@ -2,8 +2,8 @@
 
 The adapter is served with the inference rule whose loss curve has the lower log2 AURAC on the test questions.
 That rule's per-rank loss and accuracy become its profile, which the server reports in /v1/ranks. The answer-token
-loss is the quality figure: it is measured on more questions than the accuracy and varies far less between ranks
-by chance.
+loss is the quality figure, because it is measured on more questions and ranks than the accuracy and varies far
+less by chance.
 
     python experiments/gsm8k/package_adapter.py RUN_DIR LOSS_JSON TARGET_DIR [--accuracy ACCURACY_JSON]
 """
@@ -27,7 +27,7 @@ def matryoshka_curves(path: str) -> dict[str, dict]:
     curves = {c["inference_rule"]: dict(c, examples=results["examples"], dtype=results["dtype"])
               for c in results["curves"] if c["label"] == "Matryoshka"}
     if not curves:
-        raise SystemExit(f"{path}: no curve labelled Matryoshka")
+        raise SystemExit(f"{path}: no curve labelled Matryoshka: run matlora eval with --label Matryoshka")
     return curves
 
 
@@ -52,7 +52,7 @@ def main(run_dir: str, loss_json: str, target_dir: str, accuracy_json: str | Non
         if accuracy_by_rank.get(entry["rank"]) is not None:
             metrics["accuracy"] = round(accuracy_by_rank[entry["rank"]], 5)
         config.profile[entry["rank"]] = metrics
-    # The training file's local path means nothing on another machine; keep only its name.
+    # The training file's local path means nothing on another machine, so only its name is kept.
     config.training["train_file"] = "GSM8K " + Path(config.training["train_file"]).name
     config.training["evaluation"] = {
         "data": "GSM8K test", "dtype": loss["dtype"],
@@ -63,8 +63,8 @@ def main(run_dir: str, loss_json: str, target_dir: str, accuracy_json: str | Non
     print(f"packaged {target}: inference rule {rule}")
     print("rank  answer_loss  accuracy")
     for rank, metrics in sorted(config.profile.items()):
-        acc = metrics.get("accuracy")
-        print(f"{rank:>4}  {metrics['answer_loss']:>11.4f}  {'-' if acc is None else f'{acc:.3f}':>8}")
+        accuracy_text = "-" if metrics.get("accuracy") is None else f"{metrics['accuracy']:.3f}"
+        print(f"{rank:>4}  {metrics['answer_loss']:>11.4f}  {accuracy_text:>8}")
     return 0
 
 

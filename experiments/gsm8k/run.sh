@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LoRA vs DyLoRA vs Matryoshka on SmolLM2-135M-Instruct and GSM8K: a learning-rate sweep, three final runs with
-# the same data, steps and r_max, and an evaluation of every rank of S. docs/results.md reports the outcome.
+# the same data, steps and r_max, the loss at every rank of S and the accuracy at a few ranks. docs/results.md
+# reports the outcome.
 #
 # Usage: GSM8K_DIR=/path/to/gsm8k experiments/gsm8k/run.sh [sweep|final|eval|package|all]
 # GSM8K_DIR must hold GSM8K's train.jsonl and test.jsonl. Finished runs are skipped, so the script can be resumed.
@@ -66,7 +67,7 @@ run_final() {
 }
 
 # The loss curves cover every rank on LOSS_EXAMPLES test questions. Accuracy needs greedy generation, which
-# costs about 2.3 minutes per rank for 100 questions on 2 CPU cores, so it covers fewer questions and ranks.
+# took 2.2 to 2.6 minutes per rank for 100 questions on 2 CPU cores, so it covers fewer questions and ranks.
 run_eval() {
   local adapters=(--adapter "$WORK/final/lora" --label LoRA --rule paper
                   --adapter "$WORK/final/dylora" --label DyLoRA --rule paper
