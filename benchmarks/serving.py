@@ -159,7 +159,16 @@ def main() -> int:
                         help="rounds of the split-by-rank load, which is several times slower (default: 1)")
     parser.add_argument("--skip-transformers-serve", action="store_true", help="leave out `transformers serve`")
     parser.add_argument("--log-dir", default="/tmp/matlora-bench", help="server logs (default: %(default)s)")
+    parser.add_argument("--step-only", action="store_true",
+                        help="time only the decode step at rank 0 and rank 4 (about a minute), no load")
+    parser.add_argument("--step-repetitions", type=int, default=31,
+                        help="interleaved repetitions of the decode step timing (default: %(default)s)")
     args = parser.parse_args()
+
+    if args.step_only:
+        rank0_step, rank4_step = decode_step_ratio(args, args.step_repetitions)
+        print_step_ratio(args, rank0_step, rank4_step)
+        return 0
 
     from matlora_core import read_config
     from matlora_core.base_model import load_base_model, materialize_smollm2
@@ -225,7 +234,7 @@ def main() -> int:
         for process in processes:
             stop_process(process)
 
-    rank0_step, rank4_step = decode_step_ratio(args)
+    rank0_step, rank4_step = decode_step_ratio(args, args.step_repetitions)
     report(results, args, rank0_step, rank4_step)
     return 0
 
@@ -247,6 +256,10 @@ def report(results: dict[str, list[LoadResult]], args: argparse.Namespace, rank0
         if other in median:
             ratio = mixed / median[other]
             print(f"  {label:<40} {ratio:6.2f}  (>= {target}) {'met' if ratio >= target else 'NOT met'}")
+    print_step_ratio(args, rank0_step, rank4_step)
+
+
+def print_step_ratio(args: argparse.Namespace, rank0_step: float, rank4_step: float) -> None:
     step_ratio = rank4_step / rank0_step
     print(f"  {'decode step rank 4 / rank 0 (batch ' + str(args.concurrency) + ')':<40} {step_ratio:6.3f}  (<= 1.05) "
           f"{'met' if step_ratio <= 1.05 else 'NOT met'}  [{rank0_step * 1000:.1f} ms vs {rank4_step * 1000:.1f} ms]")

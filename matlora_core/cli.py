@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="loss (also accepted as answer_loss), accuracy or both, comma-separated "
                                "(default: loss,accuracy)")
     evaluate.add_argument("--batch-size", type=parse_positive_int, default=16,
-                          help="sequences per forward, >= 1 (default: 16)")
+                          help="sequences per forward for the loss, running rows for accuracy, >= 1 (default: 16)")
     evaluate.add_argument("--max-new-tokens", type=parse_positive_int, default=256,
                           help="generation limit for accuracy, in tokens, >= 1 (default: 256)")
     evaluate.add_argument("--dtype", choices=list(DTYPES), default="float32",

@@ -122,6 +122,42 @@ def greedy_accuracy(
     return correct / len(examples), texts
 
 
+@torch.no_grad()
+def accuracy_at_ranks(
+    model: MatryoshkaModel,
+    tokenizer,
+    examples: Sequence[Example],
+    ranks: Sequence[int],
+    inference_rule: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+) -> dict[int, tuple[float, list[str], int]]:
+    """Return, per rank, the exact-match accuracy of greedy answers, the generated texts and their token count.
+
+    Every (question, rank) pair runs through the serving engine in one continuous batch of up to ``batch_size``
+    rows. A row that reaches end-of-sequence leaves at once, and rows of different ranks share each forward. That
+    costs the tokens actually generated, where ``greedy_accuracy`` runs every batch to its longest answer.
+    """
+    # The engine is in the server package, which imports this package, so it is imported here and not at the top.
+    from matlora_server.engine.offline import generate_offline
+    from matlora_server.engine.request import SamplingParams
+
+    ranks = list(dict.fromkeys(ranks))
+    for rank in ranks:
+        model._check_rank(rank)
+    prompts = [e.prompt for _ in ranks for e in examples]
+    row_ranks = [rank for rank in ranks for _ in examples]
+    outputs = generate_offline(model, tokenizer, prompts, row_ranks, SamplingParams(max_tokens=max_new_tokens),
+                               max_num_seqs=batch_size, inference_rule=inference_rule)
+    results = {}
+    for position, rank in enumerate(ranks):
+        rank_outputs = outputs[position * len(examples):(position + 1) * len(examples)]
+        texts = [output.text for output in rank_outputs]
+        correct = sum(answers_match(extract_answer(t), e.reference) for t, e in zip(texts, examples))
+        results[rank] = (correct / len(examples), texts, sum(output.num_tokens for output in rank_outputs))
+    return results
+
+
 def evaluate_curve(
     model: MatryoshkaModel,
     tokenizer,
@@ -138,26 +174,38 @@ def evaluate_curve(
     """Evaluate one adapter at every rank in ``ranks`` under one inference rule.
 
     ``base_results``, when given, caches the rank-0 result: rank 0 is the base model alone, the same for every
-    adapter and rule on the same base model and data.
+    adapter and rule on the same base model and data. Accuracy runs once for all ranks (``accuracy_at_ranks``);
+    each rank's ``seconds`` then contains its loss time plus its share of that run, in proportion to the tokens it
+    generated.
     """
     rule = inference_rule or model.config.inference_rule
     curve = CurveResult(label=label, adapter=adapter, inference_rule=rule)
-    for rank in ranks:
-        if rank == 0 and base_results is not None and 0 in base_results:
-            curve.ranks.append(base_results[0])
-            continue
-        started = time.perf_counter()
-        result = RankResult(rank=rank)
+    cached = {0: base_results[0]} if base_results is not None and 0 in base_results else {}
+    results = {rank: RankResult(rank=rank) for rank in ranks if rank not in cached}
+
+    for result in results.values():
         if "loss" in metrics:
-            result.answer_loss, result.answer_tokens = answer_loss(model, tokenizer, examples, rank, rule, batch_size)
-        if "accuracy" in metrics:
-            result.accuracy, _ = greedy_accuracy(model, tokenizer, examples, rank, rule, batch_size, max_new_tokens)
-        result.seconds = time.perf_counter() - started
-        logger.info("%s, rule %s, rank %d: loss %s accuracy %s (%.0f s)", label, rule, rank,
-                    _fmt(result.answer_loss), _fmt(result.accuracy), result.seconds)
+            started = time.perf_counter()
+            result.answer_loss, result.answer_tokens = answer_loss(model, tokenizer, examples, result.rank, rule,
+                                                                   batch_size)
+            result.seconds = time.perf_counter() - started
+    if "accuracy" in metrics and results:
+        started = time.perf_counter()
+        accuracies = accuracy_at_ranks(model, tokenizer, examples, list(results), rule, batch_size, max_new_tokens)
+        seconds = time.perf_counter() - started
+        total = max(sum(tokens for _, _, tokens in accuracies.values()), 1)
+        for rank, (accuracy, _, tokens) in accuracies.items():
+            results[rank].accuracy = accuracy
+            results[rank].seconds += seconds * tokens / total
+
+    for rank in ranks:
+        result = cached.get(rank) or results[rank]
+        if rank not in cached:
+            logger.info("%s, rule %s, rank %d: loss %s accuracy %s (%.0f s)", label, rule, rank,
+                        _fmt(result.answer_loss), _fmt(result.accuracy), result.seconds)
         curve.ranks.append(result)
-        if rank == 0 and base_results is not None:
-            base_results[0] = result
+    if 0 in results and base_results is not None:
+        base_results[0] = results[0]
     return curve
 
 

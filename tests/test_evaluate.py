@@ -11,8 +11,11 @@ import torch
 from matlora_core import read_config
 from matlora_core.cli import main
 from matlora_core.data import Example, collate, tokenize_example
-from matlora_core.evaluate import CurveResult, RankResult, answer_loss, aurac, evaluate_curve, greedy_accuracy
+from matlora_core.evaluate import (CurveResult, RankResult, accuracy_at_ranks, answer_loss, aurac, evaluate_curve,
+                                   greedy_accuracy)
 from matlora_core.report import draw_curves, format_table
+
+from .conftest import randomize_adapter
 
 EXAMPLES = [
     Example("Question: Tom has 3 apples and buys 4 more. How many?\nAnswer: ", "3 + 4 = 7\n#### 7", "7"),
@@ -112,6 +115,28 @@ def test_greedy_rank_zero_is_base_generation(tiny_matryoshka, tiny_tokenizer, ti
         assert text == tiny_tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     assert 0.0 <= accuracy <= 1.0
     assert tiny_tokenizer.padding_side == "right"
+
+
+@pytest.mark.parametrize("rule", ["paper", "partial_sum"])
+def test_accuracy_at_ranks_matches_generate_at_each_rank(tiny_matryoshka, tiny_tokenizer, rule):
+    randomize_adapter(tiny_matryoshka, scale=0.5)   # large enough that the ranks generate different text
+    # One continuous batch of every (question, rank) pair, 2 rows at a time so rows leave and join mid-run.
+    batched = accuracy_at_ranks(tiny_matryoshka, tiny_tokenizer, EXAMPLES, [0, 2, 16], rule, batch_size=2,
+                                max_new_tokens=6)
+
+    assert list(batched) == [0, 2, 16]
+    for rank, (accuracy, texts, tokens) in batched.items():
+        expected_accuracy, expected_texts = greedy_accuracy(tiny_matryoshka, tiny_tokenizer, EXAMPLES, rank, rule,
+                                                            batch_size=1, max_new_tokens=6)
+        assert texts == expected_texts
+        assert accuracy == expected_accuracy
+        assert len(EXAMPLES) <= tokens <= 6 * len(EXAMPLES)
+    assert batched[0][1] != batched[16][1]
+
+
+def test_accuracy_at_ranks_rejects_a_rank_above_r_max(tiny_matryoshka, tiny_tokenizer):
+    with pytest.raises(ValueError, match="rank 17 is outside 0..r_max=16"):
+        accuracy_at_ranks(tiny_matryoshka, tiny_tokenizer, EXAMPLES, [4, 17])
 
 
 def test_evaluate_curve_reuses_rank_zero(tiny_matryoshka, tiny_tokenizer):

@@ -20,9 +20,13 @@ def plain_lora(x, weight, lora_a, lora_b, rank, scale):
     return x @ weight.T + scale * (x @ a.T) @ b.T
 
 
+GRAD_MODES = {"training": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", list(GRAD_MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [1, 3, 8, 16])
-def test_layer_rank_equals_plain_lora(dtype, rank):
+def test_layer_rank_equals_plain_lora(dtype, rank, mode):
     torch.manual_seed(rank)
     context = RankContext()
     layer = MatryoshkaLinear(nn.Linear(24, 40, bias=False), r_max=16, rank_context=context)
@@ -33,7 +37,7 @@ def test_layer_rank_equals_plain_lora(dtype, rank):
     diagonal = torch.zeros(16, dtype=dtype)
     diagonal[:rank] = scale
 
-    with context.use(RankDiagonal.from_rows(diagonal)):
+    with context.use(RankDiagonal.from_rows(diagonal)), GRAD_MODES[mode]():
         output = layer(x)
 
     expected = plain_lora(x, layer.base_layer.weight, layer.lora_A, layer.lora_B, rank, scale)

@@ -6,6 +6,10 @@ loss is the quality figure, because it is measured on more questions and ranks t
 less by chance.
 
     python experiments/gsm8k/package_adapter.py RUN_DIR LOSS_JSON TARGET_DIR [--accuracy ACCURACY_JSON]
+    python experiments/gsm8k/package_adapter.py --add-accuracy TARGET_DIR ACCURACY_JSON
+
+The second form adds a later accuracy evaluation to an adapter already packaged, under the rule it is served with,
+and leaves its weights, rule and loss profile as they are.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def main(run_dir: str, loss_json: str, target_dir: str, accuracy_json: str | Non
             metrics["accuracy"] = round(accuracy_by_rank[entry["rank"]], 5)
         config.profile[entry["rank"]] = metrics
     # The training file's local path means nothing on another machine, so only its name is kept.
-    config.training["train_file"] = "GSM8K " + Path(config.training["train_file"]).name
+    train_file = Path(config.training["train_file"]).name
+    config.training["train_file"] = train_file if train_file.startswith("GSM8K ") else "GSM8K " + train_file
     config.training["evaluation"] = {
         "data": "GSM8K test", "dtype": loss["dtype"],
         "answer_loss_examples": loss["examples"],
@@ -61,14 +66,37 @@ def main(run_dir: str, loss_json: str, target_dir: str, accuracy_json: str | Non
     }
     write_config(config, target)
     print(f"packaged {target}: inference rule {rule}")
-    print("rank  answer_loss  accuracy")
-    for rank, metrics in sorted(config.profile.items()):
-        accuracy_text = "-" if metrics.get("accuracy") is None else f"{metrics['accuracy']:.3f}"
-        print(f"{rank:>4}  {metrics['answer_loss']:>11.4f}  {accuracy_text:>8}")
+    print_profile(config.profile)
     return 0
 
 
+def add_accuracy(target_dir: str, accuracy_json: str) -> int:
+    config = read_config(target_dir)
+    curve = matryoshka_curves(accuracy_json).get(config.inference_rule)
+    if curve is None:
+        raise SystemExit(f"{accuracy_json}: no Matryoshka curve under rule {config.inference_rule}, the rule "
+                         f"{target_dir} is served with")
+    for entry in curve["ranks"]:
+        if entry["rank"] not in config.profile:
+            raise SystemExit(f"{accuracy_json}: rank {entry['rank']} is not in the profile of {target_dir}")
+        config.profile[entry["rank"]]["accuracy"] = round(entry["accuracy"], 5)
+    config.training.setdefault("evaluation", {})["accuracy_examples"] = curve["examples"]
+    write_config(config, Path(target_dir))
+    print(f"added the accuracy of {accuracy_json} to {target_dir} (rule {config.inference_rule})")
+    print_profile(config.profile)
+    return 0
+
+
+def print_profile(profile: dict[int, dict[str, float]]) -> None:
+    print("rank  answer_loss  accuracy")
+    for rank, metrics in sorted(profile.items()):
+        accuracy_text = "-" if metrics.get("accuracy") is None else f"{metrics['accuracy']:.3f}"
+        print(f"{rank:>4}  {metrics['answer_loss']:>11.4f}  {accuracy_text:>8}")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--add-accuracy":
+        sys.exit(add_accuracy(sys.argv[2], sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="folder of the final Matryoshka run")
     parser.add_argument("loss_json", help="`matlora eval --metrics loss` output with a curve labelled Matryoshka")

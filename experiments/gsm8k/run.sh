@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LoRA vs DyLoRA vs Matryoshka on SmolLM2-135M-Instruct and GSM8K: a learning-rate sweep, three final runs with
-# the same data, steps and r_max, the loss at every rank of S and the accuracy at a few ranks. docs/results.md
-# reports the outcome.
+# the same data, steps and r_max, and the loss and accuracy at every rank of S. docs/results.md reports the
+# outcome.
 #
 # Usage: GSM8K_DIR=/path/to/gsm8k experiments/gsm8k/run.sh [sweep|final|eval|package|all]
 # GSM8K_DIR must hold GSM8K's train.jsonl and test.jsonl. Finished runs are skipped, so the script can be resumed.
@@ -15,8 +15,9 @@ SWEEP_STEPS=${SWEEP_STEPS:-60}      # optimizer steps of a sweep run
 LEARNING_RATES=${LEARNING_RATES:-"1e-4 3e-4 1e-3"}
 KINDS=${KINDS:-"lora dylora matryoshka"}
 LOSS_EXAMPLES=${LOSS_EXAMPLES:-300}          # test questions for the answer-token loss
-ACCURACY_EXAMPLES=${ACCURACY_EXAMPLES:-100}  # test questions for greedy exact-match accuracy
-ACCURACY_RANKS=${ACCURACY_RANKS:-0,4,32}     # ranks at which accuracy is measured
+ACCURACY_EXAMPLES=${ACCURACY_EXAMPLES:-300}  # test questions for greedy exact-match accuracy
+ACCURACY_RANKS=${ACCURACY_RANKS:-0,1,2,4,8,16,32}  # ranks at which accuracy is measured
+ACCURACY_BATCH=${ACCURACY_BATCH:-96}         # running sequences of the engine that generates the answers
 
 mkdir -p "$WORK/sweep" "$WORK/final"
 # The last 200 training examples are held out for choosing the learning rate; training reads the first 7,200.
@@ -66,8 +67,8 @@ run_final() {
   done
 }
 
-# The loss curves cover every rank on LOSS_EXAMPLES test questions. Accuracy needs greedy generation, which
-# took 2.2 to 2.6 minutes per rank for 100 questions on 2 CPU cores, so it covers fewer questions and ranks.
+# Both curves cover every rank of S on the same test questions. Accuracy generates the answers of all ranks of a
+# curve through the serving engine in one continuous batch (see docs/training.md).
 run_eval() {
   local adapters=(--adapter "$WORK/final/lora" --label LoRA --rule paper
                   --adapter "$WORK/final/dylora" --label DyLoRA --rule paper
@@ -79,7 +80,7 @@ run_eval() {
   [ -f "$WORK/final/eval_accuracy.json" ] || \
     "$MATLORA" eval --model smollm2-135m-instruct "${adapters[@]}" --data "$GSM8K_DIR/test.jsonl" \
       --limit "$ACCURACY_EXAMPLES" --ranks "$ACCURACY_RANKS" --metrics accuracy --max-new-tokens 256 \
-      --batch-size 100 --dtype float32 \
+      --batch-size "$ACCURACY_BATCH" --dtype float32 \
       --output "$WORK/final/eval_accuracy.json" --plot "$WORK/final/accuracy_curves.png" \
       | tee "$WORK/final/eval_accuracy.txt"
 }

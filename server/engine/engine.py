@@ -44,6 +44,7 @@ class Engine:
         config: SchedulerConfig,
         observers: Sequence[EngineObserver] = (),
         admission_hook: AdmissionHook | None = None,
+        inference_rule: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -56,7 +57,7 @@ class Engine:
             head_dim=head_dim, max_slots=config.max_num_seqs, max_model_len=config.max_model_len,
             dtype=model.dtype, device=model.device,
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, inference_rule)
         self.scheduler = Scheduler(config, admission_hook)
         self.eos_token_ids = self._eos_token_ids()
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -18,9 +18,10 @@ class ModelRunner:
     sequence. The per-row ranks reach the Matryoshka layers through ``MatryoshkaModel.with_row_ranks``.
     """
 
-    def __init__(self, model: MatryoshkaModel, cache: SlotKVCache) -> None:
+    def __init__(self, model: MatryoshkaModel, cache: SlotKVCache, inference_rule: str | None = None) -> None:
         self.model = model
         self.cache = cache
+        self.inference_rule = inference_rule      # None: the adapter's own rule
         self.decoder = model.base_model.get_decoder()
         self.lm_head = model.base_model.get_output_embeddings()
         parameters = inspect.signature(self.decoder.forward).parameters
@@ -48,7 +49,7 @@ class ModelRunner:
         causal = torch.ones(padded, padded, dtype=torch.bool, device=device).tril()[None, None]
 
         writer = self.cache.prefill_writer(first_slot, lengths)
-        with self.model.with_row_ranks(ranks):
+        with self.model.with_row_ranks(ranks, self.inference_rule):
             hidden = self.decoder(input_ids=input_ids, attention_mask=self._additive(causal), position_ids=positions,
                                   use_cache=True, **{self.cache_argument: writer}).last_hidden_state
         writer.commit()
@@ -64,7 +65,7 @@ class ModelRunner:
         """Append one token to each given cache row and return their next-token logits [rows, vocab]."""
         writer = self.cache.decode_writer(rows)
         input_ids = torch.tensor(tokens, device=self.cache.device)[:, None]
-        with self.model.with_row_ranks(ranks):
+        with self.model.with_row_ranks(ranks, self.inference_rule):
             hidden = self.decoder(input_ids=input_ids, attention_mask=self._additive(writer.attention_mask()),
                                   position_ids=writer.positions[:, None], use_cache=True,
                                   **{self.cache_argument: writer}).last_hidden_state
