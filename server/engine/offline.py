@@ -22,6 +22,8 @@ from .scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_SECONDS = 60.0      # interval of the progress log line during a long run
+
 
 @dataclass(frozen=True)
 class OfflineOutput:
@@ -67,9 +69,12 @@ def generate_offline(
     for request in requests:
         engine.submit(request)
 
-    started = time.perf_counter()
+    started = last_report = time.perf_counter()
     while not engine.is_idle():
         engine.step()
+        if time.perf_counter() - last_report >= PROGRESS_SECONDS:
+            last_report = time.perf_counter()
+            logger.info("%d of %d requests finished, %.0f s", len(finished), len(requests), last_report - started)
     generated = sum(len(r.output_token_ids) for r in requests)
     seconds = time.perf_counter() - started
     logger.info("generated %d tokens for %d requests in %.1f s (%.1f tokens/s, %d steps)", generated,
