@@ -118,7 +118,7 @@ def test_greedy_rank_zero_is_base_generation(tiny_matryoshka, tiny_tokenizer, ti
 
 
 @pytest.mark.parametrize("rule", ["paper", "partial_sum"])
-def test_accuracy_at_ranks_matches_generate_at_each_rank(tiny_matryoshka, tiny_tokenizer, rule):
+def test_accuracy_at_ranks_matches_generate(tiny_matryoshka, tiny_tokenizer, rule):
     randomize_adapter(tiny_matryoshka, scale=0.5)   # large enough that the ranks generate different text
     # One continuous batch of every (question, rank) pair, 2 rows at a time so rows leave and join mid-run.
     batched = accuracy_at_ranks(tiny_matryoshka, tiny_tokenizer, EXAMPLES, [0, 2, 16], rule, batch_size=2,
@@ -134,7 +134,7 @@ def test_accuracy_at_ranks_matches_generate_at_each_rank(tiny_matryoshka, tiny_t
     assert batched[0][1] != batched[16][1]
 
 
-def test_accuracy_at_ranks_rejects_a_rank_above_r_max(tiny_matryoshka, tiny_tokenizer):
+def test_accuracy_rank_above_r_max_rejected(tiny_matryoshka, tiny_tokenizer):
     with pytest.raises(ValueError, match="rank 17 is outside 0..r_max=16"):
         accuracy_at_ranks(tiny_matryoshka, tiny_tokenizer, EXAMPLES, [4, 17])
 

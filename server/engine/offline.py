@@ -27,6 +27,8 @@ PROGRESS_SECONDS = 60.0      # interval of the progress log line during a long r
 
 @dataclass(frozen=True)
 class OfflineOutput:
+    """The generated text of one (prompt, rank) pair."""
+
     text: str
     num_tokens: int                    # generated tokens, the end-of-sequence token included
     finish_reason: FinishReason
@@ -43,8 +45,8 @@ def generate_offline(
 ) -> list[OfflineOutput]:
     """Return the output of each (prompt, rank) pair, in the order given.
 
-    The prompts are tokenized as ``tokenizer(prompt)`` does, special tokens included, so a greedy row gives the
-    tokens that transformers' ``generate`` gives for the same prompt alone.
+    The prompts are tokenized as ``tokenizer(prompt)`` does, special tokens included, so in float32 a greedy row
+    gives the tokens that transformers' ``generate`` gives for the same prompt alone.
     """
     if len(prompts) != len(ranks):
         raise ValueError(f"got {len(prompts)} prompts but {len(ranks)} ranks: give one rank per prompt")
