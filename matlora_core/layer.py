@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import PackedWeights
 from .ranks import effective_width
 
 
@@ -23,10 +24,14 @@ class RankDiagonal:
     [batch, 1, width] for one diagonal per sequence (mixed-rank batches), so it broadcasts against the
     [batch, seq, width] activations. ``width`` is the largest rank present: columns past it are zero in
     every row and are not computed. Width 0 means the base model alone.
+
+    ``key`` names a diagonal that the whole batch shares, such as ``("partial_sum", 4)``, so that layers can
+    cache B·diag(p) for it. It is None for per-row and raw diagonals.
     """
 
     values: torch.Tensor
     width: int
+    key: Hashable | None = None
 
     @staticmethod
     def from_rows(diagonals: torch.Tensor, width: int | None = None) -> "RankDiagonal":
@@ -78,6 +83,9 @@ class MatryoshkaLinear(nn.Module):
 
     ``lora_A`` is [r_max, in] and ``lora_B`` is [out, r_max], PEFT's layout. The diagonal p comes from the
     shared :class:`RankContext`, and only its first ``width`` columns are computed.
+
+    For serving, :meth:`pack_for_inference` stores W0 and A in one buffer (see :mod:`matlora_core.packing`), and
+    forwards without gradients take that path. Training takes the plain path, which autograd differentiates.
     """
 
     def __init__(self, base_layer: nn.Linear, r_max: int, rank_context: RankContext) -> None:
@@ -93,6 +101,7 @@ class MatryoshkaLinear(nn.Module):
         # with a narrow B runs several times faster from contiguous memory on CPU.
         self.lora_B = nn.Parameter(torch.zeros(r_max, base_layer.out_features, **factory).t())
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self._packed: PackedWeights | None = None               # set by pack_for_inference
 
     @property
     def in_features(self) -> int:
@@ -103,20 +112,46 @@ class MatryoshkaLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        y = F.linear(x, base.weight, base.bias)                 # W0·x: [batch, seq, out]
         diagonal = self.rank_context.current()
         if diagonal.width == 0:
-            return y
+            return F.linear(x, self.base_layer.weight, self.base_layer.bias)   # W0·x: the base model alone
+        packed = self._packed
+        if packed is not None and not torch.is_grad_enabled() and packed.is_current(self):
+            return packed.forward(x, diagonal)
+        return self._forward_plain(x, diagonal)
 
+    def _forward_plain(self, x: torch.Tensor, diagonal: RankDiagonal) -> torch.Tensor:
+        base = self.base_layer
+        y = F.linear(x, base.weight, base.bias)                 # W0·x: [batch, seq, out]
         a = self.lora_A[: diagonal.width]                       # [width, in]
         b = self.lora_B[:, : diagonal.width]                    # [out, width]
         h = F.linear(x.to(a.dtype), a) * diagonal.values        # diag(p)·A·x: [batch, seq, width]
         if torch.is_grad_enabled() or h.dtype != y.dtype:
             return y + F.linear(h, b).to(y.dtype)
-        # Serving: add B·h into y in place, one fused kernel instead of a matmul and an add.
+        # Without gradients: add B·h into y in place, one fused kernel instead of a matmul and an add.
         y.view(-1, y.shape[-1]).addmm_(h.view(-1, diagonal.width), b.t())
         return y
+
+    def pack_for_inference(self) -> bool:
+        """Store W0 and A in one buffer for forwards without gradients, and return whether the layer is packed.
+
+        A layer whose W0 and A differ in dtype or device stays on the plain path (False). The parameters stay usable for training and loading in place, because they become views of the buffer.
+        Replacing a parameter object, or moving the module, unpacks it until this is called again.
+        """
+        if self.is_packed():
+            return True
+        weight = self.base_layer.weight
+        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
+            return False
+        self._packed = PackedWeights(self)
+        return True
+
+    def is_packed(self) -> bool:
+        return self._packed is not None and self._packed.is_current(self)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed = None          # converting or moving the tensors gives W0 and A separate storage again
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}"

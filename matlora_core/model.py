@@ -70,8 +70,7 @@ class MatryoshkaModel(nn.Module):
     def at_rank(self, rank: int, inference_rule: str | None = None) -> Iterator[None]:
         """Run the block with every sequence at ``rank``."""
         self._check_rank(rank)
-        table, widths = self.diagonal_table(inference_rule)
-        with self.rank_context.use(RankDiagonal(values=table[rank, : widths[rank]], width=widths[rank])):
+        with self.rank_context.use(self._shared_diagonal(rank, inference_rule)):
             yield
 
     @contextmanager
@@ -79,11 +78,21 @@ class MatryoshkaModel(nn.Module):
         """Run the block with sequence i of the batch at ``ranks[i]`` (mixed-rank masking)."""
         for rank in ranks:
             self._check_rank(rank)
-        table, widths = self.diagonal_table(inference_rule)
-        width = max((widths[rank] for rank in ranks), default=0)
-        index = torch.tensor(list(ranks), device=self.device)
-        with self.rank_context.use(RankDiagonal.from_rows(table[index], width=width)):
+        if len(set(ranks)) == 1:
+            # One rank for the whole batch: a shared diagonal, which the layers can fold into B.
+            diagonal = self._shared_diagonal(ranks[0], inference_rule)
+        else:
+            table, widths = self.diagonal_table(inference_rule)
+            width = max((widths[rank] for rank in ranks), default=0)
+            index = torch.tensor(list(ranks), device=self.device)
+            diagonal = RankDiagonal.from_rows(table[index], width=width)
+        with self.rank_context.use(diagonal):
             yield
+
+    def _shared_diagonal(self, rank: int, inference_rule: str | None) -> RankDiagonal:
+        rule = inference_rule or self.config.inference_rule
+        table, widths = self.diagonal_table(rule)
+        return RankDiagonal(values=table[rank, : widths[rank]], width=widths[rank], key=(rule, rank))
 
     @contextmanager
     def training_mode_diagonal(self, diagonal: torch.Tensor | None = None) -> Iterator[None]:
@@ -92,6 +101,18 @@ class MatryoshkaModel(nn.Module):
         values = values.to(device=self.device, dtype=torch.float32)
         with self.rank_context.use(RankDiagonal.from_rows(values, width=effective_width(values))):
             yield
+
+    def pack_for_inference(self) -> int:
+        """Pack each layer's W0 and A into one buffer for faster forwards without gradients; return how many.
+
+        Serving calls this once after loading. See :meth:`MatryoshkaLinear.pack_for_inference`.
+        """
+        packed = sum(layer.pack_for_inference() for layer in self.matryoshka_layers.values())
+        if packed < len(self.matryoshka_layers):
+            logger.info("packed %d of %d layers for inference. The other layers hold a %s adapter on a %s base "
+                        "model and run the plain path", packed, len(self.matryoshka_layers),
+                        self.adapter_parameters()[0].dtype, self.dtype)
+        return packed
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank <= self.config.r_max:

@@ -281,3 +281,8 @@ def test_shutdown_finishes_running_requests(components):
     assert collector.done["r0"].finish_reason == FinishReason.LENGTH
     with pytest.raises(Exception, match="shutting down"):
         engine.submit(make_request(components, collector, 1, PROMPTS[0], 4))
+
+
+def test_engine_packs_adapter_layers(components):
+    Engine(components.model, components.tokenizer, SchedulerConfig(max_num_seqs=2, max_model_len=64))
+    assert all(layer.is_packed() for layer in components.model.matryoshka_layers.values())

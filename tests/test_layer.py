@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from matlora_core import MatryoshkaConfig, MatryoshkaModel
 from matlora_core.layer import MatryoshkaLinear, RankContext, RankDiagonal
@@ -144,3 +145,133 @@ def test_rank_above_r_max_rejected(tiny_matryoshka):
     with pytest.raises(ValueError, match="rank 17 is outside 0..r_max=16"):
         with tiny_matryoshka.at_rank(17):
             pass
+
+
+def packed_pair(bias: bool, r_max: int = 8):
+    """Two identical layers; the second is packed for inference."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(2):
+        context = RankContext()
+        torch.manual_seed(0)
+        layer = MatryoshkaLinear(nn.Linear(12, 20, bias=bias), r_max=r_max, rank_context=context)
+        nn.init.normal_(layer.lora_B, std=0.1)
+        layers.append(layer)
+    assert layers[1].pack_for_inference()
+    return layers
+
+
+def shared_diagonal(rank: int, r_max: int = 8) -> RankDiagonal:
+    values = torch.linspace(2.0, 1.0, r_max)[:rank]
+    return RankDiagonal(values=values, width=rank, key=("test", rank))
+
+
+def run(layer: MatryoshkaLinear, diagonal: RankDiagonal, x: torch.Tensor, mode: str = "inference_mode"):
+    with layer.rank_context.use(diagonal), GRAD_MODES[mode]():
+        return layer(x)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_packed_layer_equals_plain_layer(bias, per_row):
+    plain, packed = packed_pair(bias)
+    x = torch.randn(4, 3, 12)
+    if per_row:
+        rows = torch.zeros(4, 8)
+        for row, rank in enumerate([0, 2, 5, 8]):
+            rows[row, :rank] = torch.linspace(2.0, 1.0, 8)[:rank]
+        diagonal = RankDiagonal.from_rows(rows)
+    else:
+        diagonal = shared_diagonal(5)
+    torch.testing.assert_close(run(packed, diagonal, x), run(plain, diagonal, x), atol=1e-5, rtol=1e-5)
+    zero = RankDiagonal(values=torch.zeros(0), width=0, key=("test", 0))
+    assert torch.equal(run(packed, zero, x), run(plain, zero, x))
+
+
+def test_packing_keeps_the_parameters_trainable():
+    plain, packed = packed_pair(bias=False)
+    assert torch.equal(packed.base_layer.weight, plain.base_layer.weight)
+    assert torch.equal(packed.lora_A, plain.lora_A)
+    x = torch.randn(2, 3, 12)
+    run(packed, shared_diagonal(4), x, mode="training").sum().backward()
+    run(plain, shared_diagonal(4), x, mode="training").sum().backward()
+    torch.testing.assert_close(packed.lora_A.grad, plain.lora_A.grad)
+    torch.testing.assert_close(packed.lora_B.grad, plain.lora_B.grad)
+
+
+def test_packed_layer_sees_new_adapter_weights():
+    plain, packed = packed_pair(bias=False)
+    x = torch.randn(2, 3, 12)
+    run(packed, shared_diagonal(4), x)                   # fills the B·diag(p) cache
+    new_a, new_b = torch.randn(8, 12), torch.randn(20, 8)
+    with torch.no_grad():
+        for layer in (plain, packed):
+            layer.lora_A.copy_(new_a)
+            layer.lora_B.copy_(new_b)
+    torch.testing.assert_close(run(packed, shared_diagonal(4), x), run(plain, shared_diagonal(4), x))
+
+
+def test_moving_a_packed_layer_unpacks_it():
+    plain, packed = packed_pair(bias=True)
+    packed.to(torch.float64)
+    plain.to(torch.float64)
+    assert not packed.is_packed()
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    diagonal = RankDiagonal(values=torch.ones(3, dtype=torch.float64), width=3, key=("test", 3))
+    torch.testing.assert_close(run(packed, diagonal, x), run(plain, diagonal, x))
+
+
+def test_packing_skipped_when_dtypes_differ():
+    layer = MatryoshkaLinear(nn.Linear(12, 20).to(torch.bfloat16), r_max=4, rank_context=RankContext())
+    assert not layer.pack_for_inference()
+    assert not layer.is_packed()
+
+
+def test_scaled_b_cache_stays_within_its_budget():
+    _, packed = packed_pair(bias=False)
+    x = torch.randn(1, 1, 12)
+    for rank in range(1, 9):
+        for rule in ("a", "b", "c"):
+            diagonal = RankDiagonal(values=torch.full((rank,), 0.5), width=rank, key=(rule, rank))
+            run(packed, diagonal, x)
+    cached_columns = sum(block.shape[0] for block in packed._packed.scaled_b_t.values())
+    assert 0 < cached_columns <= 2 * packed.r_max
+
+
+def test_uniform_row_ranks_share_one_diagonal(tiny_matryoshka):
+    with tiny_matryoshka.with_row_ranks([4, 4, 4]):
+        assert tiny_matryoshka.rank_context.current().key == (tiny_matryoshka.config.inference_rule, 4)
+    with tiny_matryoshka.with_row_ranks([4, 2]):
+        assert tiny_matryoshka.rank_context.current().key is None
+
+
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [0, 16, 2, 4]])
+def test_packed_model_equals_plain_model(tiny_model_dir, ranks):
+    models = []
+    for _ in range(2):
+        base = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        model = MatryoshkaModel(base, make_adapter_config())
+        randomize_adapter(model)
+        models.append(model)
+    plain, packed = models
+    assert packed.pack_for_inference() == len(packed.matryoshka_layers)
+    input_ids = torch.randint(0, 100, (len(ranks), 6))
+    logits = []
+    for model in (plain, packed):
+        with torch.inference_mode(), model.with_row_ranks(ranks):
+            logits.append(model(input_ids=input_ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_model_saves_its_adapter(tiny_matryoshka, tmp_path):
+    from safetensors.torch import load_file
+
+    from matlora_core.adapter import save_adapter
+
+    tiny_matryoshka.pack_for_inference()
+    folder = save_adapter(tiny_matryoshka, tmp_path / "adapter")
+    saved = load_file(next(folder.glob("*.safetensors")))
+    expected = tiny_matryoshka.adapter_state_dict()
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(saved[name], tensor), name

@@ -57,6 +57,7 @@ class Engine:
             head_dim=head_dim, max_slots=config.max_num_seqs, max_model_len=config.max_model_len,
             dtype=model.dtype, device=model.device,
         )
+        model.pack_for_inference()       # one matrix product for W0·x and A·x in every adapted layer
         self.runner = ModelRunner(model, self.cache, inference_rule)
         self.scheduler = Scheduler(config, admission_hook)
         self.eos_token_ids = self._eos_token_ids()
