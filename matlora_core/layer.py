@@ -135,8 +135,9 @@ class MatryoshkaLinear(nn.Module):
     def pack_for_inference(self) -> bool:
         """Store W0 and A in one buffer for forwards without gradients, and return whether the layer is packed.
 
-        A layer whose W0 and A differ in dtype or device stays on the plain path (False). The parameters stay usable for training and loading in place, because they become views of the buffer.
-        Replacing a parameter object, or moving the module, unpacks it until this is called again.
+        A layer whose W0 and A differ in dtype or device stays on the plain path (False). The parameters stay
+        usable for training and loading in place, because they become views of the buffer. Moving or converting
+        the module packs it again. Replacing a parameter object unpacks it until this is called again.
         """
         if self.is_packed():
             return True
@@ -150,8 +151,12 @@ class MatryoshkaLinear(nn.Module):
         return self._packed is not None and self._packed.is_current(self)
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = None          # converting or moving the tensors gives W0 and A separate storage again
-        return super()._apply(fn, recurse)
+        # Converting or moving the tensors gives W0 and A separate storage again, so a packed layer packs anew.
+        was_packed, self._packed = self._packed is not None, None
+        module = super()._apply(fn, recurse)
+        if was_packed:
+            self.pack_for_inference()
+        return module
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}"

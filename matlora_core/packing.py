@@ -30,7 +30,7 @@ class PackedWeights:
 
     The layer's ``base_layer.weight`` and ``lora_A`` become views of the same buffer, so training or loading
     in place keeps the packed form up to date. Replacing one of the parameters makes :meth:`is_current` false.
-    Moving the module to another dtype or device drops the packed form, which ``MatryoshkaLinear._apply`` does.
+    Moving the module to another dtype or device replaces this object (``MatryoshkaLinear._apply``).
     """
 
     def __init__(self, layer: MatryoshkaLinear) -> None:

@@ -211,11 +211,12 @@ def test_packed_layer_sees_new_adapter_weights():
     torch.testing.assert_close(run(packed, shared_diagonal(4), x), run(plain, shared_diagonal(4), x))
 
 
-def test_moving_a_packed_layer_unpacks_it():
+def test_moving_a_packed_layer_packs_it_again():
     plain, packed = packed_pair(bias=True)
     packed.to(torch.float64)
     plain.to(torch.float64)
-    assert not packed.is_packed()
+    assert packed.is_packed()
+    assert packed._packed.rows[0].dtype == torch.float64
     x = torch.randn(2, 3, 12, dtype=torch.float64)
     diagonal = RankDiagonal(values=torch.ones(3, dtype=torch.float64), width=3, key=("test", 3))
     torch.testing.assert_close(run(packed, diagonal, x), run(plain, diagonal, x))
@@ -225,6 +226,16 @@ def test_packing_skipped_when_dtypes_differ():
     layer = MatryoshkaLinear(nn.Linear(12, 20).to(torch.bfloat16), r_max=4, rank_context=RankContext())
     assert not layer.pack_for_inference()
     assert not layer.is_packed()
+
+
+def test_replaced_parameter_unpacks_layer():
+    plain, packed = packed_pair(bias=False)
+    new_b = torch.randn(20, 8)
+    packed.lora_B = nn.Parameter(new_b.clone())
+    plain.lora_B = nn.Parameter(new_b.clone())
+    assert not packed.is_packed()
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(run(packed, shared_diagonal(4), x), run(plain, shared_diagonal(4), x))
 
 
 def test_scaled_b_cache_stays_within_its_budget():
