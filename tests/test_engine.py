@@ -10,6 +10,7 @@ import torch
 
 from matlora_server.engine import (Engine, FinishReason, QueueFullError, RankReason, Request, SamplingParams,
                                    SchedulerConfig)
+from matlora_server.engine.scheduler import PREFILL_LENGTH_RATIO, Scheduler, prefill_chunks
 
 from .live_server import tiny_components
 
@@ -286,3 +287,25 @@ def test_shutdown_finishes_running_requests(components):
 def test_engine_packs_adapter_layers(components):
     Engine(components.model, components.tokenizer, SchedulerConfig(max_num_seqs=2, max_model_len=64))
     assert all(layer.is_packed() for layer in components.model.matryoshka_layers.values())
+
+
+@pytest.mark.parametrize("lengths", [[5], [10, 10, 10], [32, 41, 50, 60, 64, 77, 100, 116], [1, 2, 3, 4, 200]])
+def test_prefill_chunks_bound_padding(lengths):
+    chunks = prefill_chunks(lengths)
+    assert [i for chunk in chunks for i in range(len(lengths))[chunk]] == list(range(len(lengths)))
+    for chunk in chunks:
+        part = lengths[chunk]
+        assert max(part) <= PREFILL_LENGTH_RATIO * min(part)
+    if len(set(lengths)) == 1:
+        assert len(chunks) == 1
+
+
+def test_admission_sorts_newcomers_by_prompt_length(components):
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=128, max_cached_tokens=1024))
+    collector = Collector()
+    for index, prompt in enumerate(["a much longer prompt than the others", "short", "medium prompt"]):
+        scheduler.waiting.append(make_request(components, collector, index, prompt, 0))
+    admitted = scheduler.admit()
+    lengths = [r.num_prompt_tokens for r in admitted]
+    assert lengths == sorted(lengths)
+    assert scheduler.running == admitted

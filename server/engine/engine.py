@@ -25,7 +25,7 @@ from .kv_cache import SlotKVCache
 from .model_runner import ModelRunner
 from .request import FinishReason, Request, RequestOutput
 from .sampling import sample_tokens
-from .scheduler import AdmissionHook, Scheduler, SchedulerConfig
+from .scheduler import AdmissionHook, Scheduler, SchedulerConfig, prefill_chunks
 from .stats import EngineObserver, StepStats, tokens_by_rank
 from .tensor_thread import TensorThread
 
@@ -226,17 +226,24 @@ class Engine:
 
         started = time.perf_counter()
         ranks = [r.rank for r in newcomers]
-        logits = self._forward_isolated(
-            newcomers,
-            lambda: self.runner.prefill(first_slot, [r.prompt_token_ids for r in newcomers], ranks),
-            lambda i: self.runner.prefill(first_slot + i, [newcomers[i].prompt_token_ids], [ranks[i]]),
-        )
+        logits: list[torch.Tensor | None] = []
+        for chunk in prefill_chunks([r.num_prompt_tokens for r in newcomers]):
+            logits += self._prefill_forward(first_slot + chunk.start, newcomers[chunk])
         with self._finals_after_stats():
             generated = self._process(newcomers, logits)
             self._notify_step(StepStats(
                 phase="prefill", seconds=time.perf_counter() - started, batch_size=len(newcomers), ranks=ranks,
                 max_rank=max(ranks), prompt_tokens=tokens_by_rank(newcomers), generated_tokens=generated,
             ))
+
+    def _prefill_forward(self, first_slot: int, requests: list[Request]) -> list[torch.Tensor | None]:
+        prompts = [r.prompt_token_ids for r in requests]
+        ranks = [r.rank for r in requests]
+        return self._forward_isolated(
+            requests,
+            lambda: self.runner.prefill(first_slot, prompts, ranks),
+            lambda i: self.runner.prefill(first_slot + i, [prompts[i]], [ranks[i]]),
+        )
 
     def _decode(self) -> None:
         running = self.scheduler.running

@@ -27,6 +27,22 @@ class SchedulerConfig:
                              "a full-length sequence could never be admitted")
 
 
+# A prefill forward holds prompts whose lengths differ by at most this factor, so padding stays under a fifth of
+# its tokens. Each extra forward costs its own pass over the weights.
+PREFILL_LENGTH_RATIO = 1.25
+
+
+def prefill_chunks(lengths: list[int]) -> list[slice]:
+    """Split prompts sorted by length into runs whose longest prompt is within PREFILL_LENGTH_RATIO of the shortest."""
+    chunks: list[slice] = []
+    start = 0
+    for index in range(1, len(lengths) + 1):
+        if index == len(lengths) or lengths[index] > PREFILL_LENGTH_RATIO * lengths[start]:
+            chunks.append(slice(start, index))
+            start = index
+    return chunks
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting; the client should retry later."""
 
@@ -73,6 +89,10 @@ class Scheduler:
             self.reserved_tokens += request.num_reserved_tokens
             self.running.append(request)
             admitted.append(request)
+        # A prefill forward pads every prompt to its longest one. Sorted by length, the newcomers split into
+        # forwards of similar lengths (see prefill_chunks).
+        admitted.sort(key=lambda r: r.num_prompt_tokens)
+        self.running[len(self.running) - len(admitted):] = admitted
         return admitted
 
     def remove_finished(self, move_slot: Callable[[int, int], None]) -> list[Request]:
