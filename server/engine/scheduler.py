@@ -27,7 +27,7 @@ class SchedulerConfig:
                              "a full-length sequence could never be admitted")
 
 
-# A prefill forward holds prompts whose lengths differ by at most this factor, so padding stays under a fifth of
+# A prefill forward contains prompts whose lengths differ by at most this factor, so padding stays under a fifth of
 # its tokens. Each extra forward costs its own pass over the weights.
 PREFILL_LENGTH_RATIO = 1.25
 
