@@ -141,7 +141,7 @@ def time_decode_steps(args: argparse.Namespace, repetitions: int) -> StepTimes:
     """Time one decode step of the same batch at rank 0, at rank 4 and at the offered ranks mixed.
 
     Each repetition runs the three in a fresh random order, so that neither drift of the machine nor the order
-    of the steps favours one kind; ratios are taken within a repetition, then their median is reported.
+    of the steps favours one kind. Ratios are taken within a repetition, and their median is reported.
     """
     from matlora_core import load_adapter
     from matlora_core.base_model import load_base_model
@@ -202,7 +202,7 @@ def main() -> int:
     parser.add_argument("--skip-transformers-serve", action="store_true", help="leave out `transformers serve`")
     parser.add_argument("--log-dir", default="/tmp/matlora-bench", help="server logs (default: %(default)s)")
     parser.add_argument("--step-only", action="store_true",
-                        help="time only the decode steps (rank 0, rank 4, mixed; about a minute), no load")
+                        help="time only the decode steps at rank 0, rank 4 and mixed ranks (about 80 s), with no load")
     parser.add_argument("--step-repetitions", type=int, default=61,
                         help="interleaved repetitions of the decode step timing per process (default: %(default)s)")
     parser.add_argument("--step-processes", type=int, default=3,

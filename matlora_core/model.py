@@ -103,13 +103,13 @@ class MatryoshkaModel(nn.Module):
             yield
 
     def pack_for_inference(self) -> int:
-        """Pack each layer's W0 and A into one buffer for faster forwards without gradients; return how many.
+        """Pack each layer's W0 and A into one buffer for faster forwards without gradients, and return the count.
 
         Serving calls this once after loading. See :meth:`MatryoshkaLinear.pack_for_inference`.
         """
         packed = sum(layer.pack_for_inference() for layer in self.matryoshka_layers.values())
         if packed < len(self.matryoshka_layers):
-            logger.info("packed %d of %d layers for inference. The other layers hold a %s adapter on a %s base "
+            logger.info("packed %d of %d layers for inference. The other layers have a %s adapter on a %s base "
                         "model and run the plain path", packed, len(self.matryoshka_layers),
                         self.adapter_parameters()[0].dtype, self.dtype)
         return packed

@@ -26,7 +26,7 @@ SCALED_B_BUDGET = 2
 
 
 class PackedWeights:
-    """Views of one [out + r_max, in] buffer that holds the rows of W0, then the rows of A, plus B's views.
+    """Views of one [out + r_max, in] buffer that contains the rows of W0, then the rows of A, plus views of B.
 
     The layer's ``base_layer.weight`` and ``lora_A`` become views of the same buffer, so training or loading
     in place keeps the packed form up to date. Replacing one of the parameters makes :meth:`is_current` false.
@@ -52,7 +52,7 @@ class PackedWeights:
         self.scaled_b_version = lora_b._version
 
     def is_current(self, layer: MatryoshkaLinear) -> bool:
-        """True while the layer still holds the parameters that were packed."""
+        """Return whether the layer still has the parameter objects that were packed."""
         # The parameter dicts are read directly: an nn.Module attribute lookup costs about a microsecond.
         base = layer._modules["base_layer"]._parameters
         own = layer._parameters
